@@ -1,0 +1,67 @@
+"""ONNX Runtime on CPU with explicit thread settings, batching around graphs with a fixed batch."""
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+
+from backends.errors import InvalidTensorError
+
+
+def make_session(model_path: str, intra_op_threads: int, inter_op_threads: int = 1) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = intra_op_threads
+    options.inter_op_num_threads = inter_op_threads
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(model_path, sess_options=options, providers=["CPUExecutionProvider"])
+
+
+class OnnxDetector:
+    """Runs one output of a model on batches; a graph fixed at batch 1 is run image by image."""
+
+    def __init__(self, session: ort.InferenceSession, input_name: str, output_name: str, fixed_batch: int | None):
+        self.session = session
+        self.input_name = input_name
+        self.output_name = output_name
+        self.fixed_batch = fixed_batch
+        model_input = next(i for i in session.get_inputs() if i.name == input_name)
+        self.item_shape = tuple(d if isinstance(d, int) else -1 for d in model_input.shape[1:])
+
+    def _check(self, batch: np.ndarray) -> None:
+        shape = batch.shape[1:]
+        if len(shape) != len(self.item_shape) or any(e not in (-1, a) for e, a in zip(self.item_shape, shape)):
+            raise InvalidTensorError(f"detector input has shape {batch.shape}; the model needs [N, {self.item_shape}]")
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        self._check(batch)
+        if self.fixed_batch is None:
+            return self.session.run([self.output_name], {self.input_name: batch})[0]
+        step = self.fixed_batch
+        if len(batch) % step:
+            raise InvalidTensorError(f"batch of {len(batch)} is not a multiple of the model's fixed batch {step}")
+        parts = [self.session.run([self.output_name], {self.input_name: batch[i:i + step]})[0] for i in range(0, len(batch), step)]
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+def run_requests(run, batches: list) -> list:
+    """Outputs (or the exception) per request: one combined run, or one run each if that fails.
+
+    Items of `batches` that are already exceptions pass through, so one bad request never fails the others.
+    """
+    results: list = list(batches)
+    good = [i for i, b in enumerate(batches) if not isinstance(b, Exception)]
+    if not good:
+        return results
+    try:
+        arrays = [batches[i] for i in good]
+        combined = run(np.concatenate(arrays) if len(arrays) > 1 else arrays[0])
+        offsets = np.cumsum([0] + [len(a) for a in arrays])
+        for n, i in enumerate(good):
+            results[i] = combined[offsets[n]:offsets[n + 1]]
+    except Exception:  # noqa: BLE001 - isolate the request that broke the combined run
+        for i in good:
+            try:
+                results[i] = run(batches[i])
+            except Exception as exc:  # noqa: BLE001
+                results[i] = exc
+    return results

@@ -1,0 +1,189 @@
+"""Image preprocessing on the CPU: encoded bytes -> RGB pixels -> model input tensor.
+
+Plain functions (no Triton imports); model.py maps InvalidImageError to a per-request error.
+"""
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+from PIL import Image, ImageOps
+
+from backends.common.geometry import RESIZE_MODES, Transform, compute_transform
+from backends.errors import InvalidImageError, InvalidTensorError
+
+FORMATS = ("JPEG", "PNG", "BMP", "GIF", "TIFF", "WEBP")  # no EPS/PDF/...: smaller attack surface
+_WIDE_GRAY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+# DecodeLimits.max_pixels is enforced on the header before any pixel is decoded, so Pillow's own
+# process-wide bomb check is turned off: it would otherwise fire first with an unclear message.
+Image.MAX_IMAGE_PIXELS = None
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    max_bytes: int = 32 * 2**20
+    max_pixels: int = 40_000_000
+    max_side: int = 8192
+    min_side: int = 16
+
+    def __post_init__(self) -> None:
+        for name in ("max_bytes", "max_pixels", "max_side", "min_side"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"DecodeLimits.{name} must be a positive integer, got {value!r}")
+        if self.min_side > self.max_side:
+            raise ValueError(f"DecodeLimits.min_side {self.min_side} is over max_side {self.max_side}")
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """Model input format. Each channel (in channel_order) becomes (pixel * scale - mean) / std."""
+
+    height: int
+    width: int
+    layout: str = "NHWC"
+    channel_order: str = "RGB"
+    dtype: str = "float32"
+    resize: str = "stretch"
+    pad_value: int = 114
+    scale: float = 1.0
+    mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    std: tuple[float, float, float] = (1.0, 1.0, 1.0)
+
+    def __post_init__(self) -> None:
+        for name in ("height", "width"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"InputSpec.{name} must be a positive integer, got {value!r}")
+        for name, allowed in (
+            ("layout", ("NHWC", "NCHW")),
+            ("channel_order", ("RGB", "BGR")),
+            ("dtype", ("float32", "float16", "uint8")),
+            ("resize", RESIZE_MODES),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"InputSpec.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if isinstance(self.pad_value, bool) or not isinstance(self.pad_value, int) or not 0 <= self.pad_value <= 255:
+            raise ValueError(f"InputSpec.pad_value must be an integer in 0..255, got {self.pad_value!r}")
+        if not (isinstance(self.scale, (int, float)) and math.isfinite(self.scale) and self.scale > 0):
+            raise ValueError(f"InputSpec.scale must be a positive finite number, got {self.scale!r}")
+        for name in ("mean", "std"):
+            values = tuple(getattr(self, name))
+            if len(values) != 3 or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
+                raise ValueError(f"InputSpec.{name} must be 3 finite numbers, got {getattr(self, name)!r}")
+            object.__setattr__(self, name, tuple(float(v) for v in values))
+        if min(self.std) <= 0:
+            raise ValueError(f"InputSpec.std must be positive, got {self.std!r}")
+        if self.dtype == "uint8" and self.affine() is not None:
+            raise ValueError("InputSpec with dtype uint8 needs scale=1, mean=(0, 0, 0) and std=(1, 1, 1)")
+
+    def affine(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """Per-channel float64 (a, b) with value = pixel * a - b; None when the values are the pixels."""
+        if self.scale == 1 and self.mean == (0.0, 0.0, 0.0) and self.std == (1.0, 1.0, 1.0):
+            return None
+        std = np.array(self.std)
+        return self.scale / std, np.array(self.mean) / std
+
+
+def _check_size(width: int, height: int, limits: DecodeLimits) -> None:
+    if min(width, height) < limits.min_side:
+        raise InvalidImageError(f"image {width}x{height} is smaller than the minimum side {limits.min_side}")
+    if max(width, height) > limits.max_side:
+        raise InvalidImageError(f"image {width}x{height} exceeds the maximum side {limits.max_side}")
+    if width * height > limits.max_pixels:
+        raise InvalidImageError(
+            f"image {width}x{height} has {width * height} pixels, over the limit of {limits.max_pixels}"
+        )
+
+
+def decode_image(data: bytes, limits: DecodeLimits = DecodeLimits()) -> np.ndarray:
+    """Encoded JPEG/PNG/BMP/GIF/TIFF/WebP -> HxWx3 uint8 RGB (C-contiguous, possibly read-only).
+
+    The size limits are checked on the header before pixels are decoded, EXIF orientation is applied,
+    alpha is dropped (transparent pixels keep their stored colour, as cv2.imread does) and 16-bit
+    grayscale is scaled to 8 bit. Every failure raises InvalidImageError.
+    """
+    size = memoryview(data).nbytes
+    if size == 0:
+        raise InvalidImageError("empty image bytes")
+    if size > limits.max_bytes:
+        raise InvalidImageError(f"encoded image is {size} bytes, over the limit of {limits.max_bytes}")
+    try:
+        img = Image.open(io.BytesIO(data), formats=FORMATS)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise InvalidImageError(f"image is too large: {exc}") from exc
+    except Exception as exc:  # UnidentifiedImageError, or a plugin's own header error
+        raise InvalidImageError(f"not a decodable image ({'/'.join(FORMATS)}): {exc}") from exc
+    with img:
+        _check_size(img.width, img.height, limits)
+        try:
+            img.load()
+            ImageOps.exif_transpose(img, in_place=True)
+        except MemoryError:
+            raise
+        except Exception as exc:  # OSError("image file is truncated"), SyntaxError, zlib errors, ...
+            raise InvalidImageError(f"image is truncated or corrupt: {exc}") from exc
+        _check_size(img.width, img.height, limits)
+        return _to_rgb(img)
+
+
+def _to_rgb(img: Image.Image) -> np.ndarray:
+    if img.mode in _WIDE_GRAY_MODES:  # Pillow's convert("RGB") clips these at 255 instead of scaling
+        gray = (np.clip(np.asarray(img), 0, 65535).astype(np.uint32) + 128) // 257  # round(v / 257)
+    elif img.mode == "F":  # 0..255 intensities; Pillow's convert would truncate instead of round
+        gray = np.clip(np.rint(np.nan_to_num(np.asarray(img))), 0, 255)
+    else:
+        try:
+            return np.asarray(img if img.mode == "RGB" else img.convert("RGB"))
+        except ValueError as exc:
+            raise InvalidImageError(f"unsupported image mode {img.mode}") from exc
+    return cv2.cvtColor(gray.astype(np.uint8), cv2.COLOR_GRAY2RGB)
+
+
+def check_rgb(rgb: np.ndarray) -> np.ndarray:
+    """rgb as a C-contiguous HxWx3 uint8 array, or InvalidTensorError."""
+    if not isinstance(rgb, np.ndarray) or rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise InvalidTensorError(f"expected an HxWx3 uint8 RGB image, got {getattr(rgb, 'shape', None)} "
+                                 f"{getattr(rgb, 'dtype', type(rgb).__name__)}")
+    if rgb.shape[0] == 0 or rgb.shape[1] == 0:
+        raise InvalidTensorError(f"image has an empty side: {rgb.shape}")
+    return np.ascontiguousarray(rgb)
+
+
+def prepare_input(rgb: np.ndarray, spec: InputSpec) -> tuple[np.ndarray, Transform]:
+    """HxWx3 uint8 RGB -> model input without batch dim ((H, W, 3) or (3, H, W)) and its Transform.
+
+    The result may share memory with rgb when no resize, padding or conversion is needed.
+    """
+    rgb = check_rgb(rgb)
+    t = compute_transform(rgb.shape[0], rgb.shape[1], spec.height, spec.width, spec.resize)
+    img = rgb
+    if (t.resized_h, t.resized_w) != rgb.shape[:2]:
+        img = cv2.resize(img, (t.resized_w, t.resized_h), interpolation=cv2.INTER_LINEAR)
+    if spec.channel_order == "BGR":
+        img = cv2.cvtColor(img, cv2.COLOR_RGB2BGR)
+    if (t.resized_h, t.resized_w) != (spec.height, spec.width):
+        top, left = int(t.pad_y), int(t.pad_x)
+        bottom, right = spec.height - t.resized_h - top, spec.width - t.resized_w - left
+        img = cv2.copyMakeBorder(img, top, bottom, left, right, cv2.BORDER_CONSTANT, value=(spec.pad_value,) * 3)
+    return _to_tensor(img, spec), t
+
+
+def _to_tensor(img: np.ndarray, spec: InputSpec) -> np.ndarray:
+    """uint8 HxWx3 in spec channel order -> values in spec dtype and layout, one pass per output."""
+    if spec.dtype == "uint8":
+        return np.ascontiguousarray(img.transpose(2, 0, 1)) if spec.layout == "NCHW" else img
+    affine = spec.affine()
+    pixels = np.arange(256, dtype=np.float64)[:, None]
+    table = pixels.repeat(3, axis=1) if affine is None else pixels * affine[0] - affine[1]  # [256, 3]
+    table = table.astype(spec.dtype)
+    if spec.layout == "NHWC":  # cv2.LUT with a 3-channel table maps each channel with its own column
+        return cv2.LUT(img, table.reshape(256, 1, 3))
+    out = np.empty((3, spec.height, spec.width), dtype=spec.dtype)
+    for c, (plane, column) in enumerate(zip(cv2.split(img), np.ascontiguousarray(table.T))):
+        cv2.LUT(plane, column, dst=out[c])
+    return out

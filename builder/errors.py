@@ -1,0 +1,25 @@
+"""Errors raised by the builder package.
+
+BuilderError
+ +-- SpecError     a pipeline spec is invalid
+ +-- ConfigError   a model configuration does not fit Triton's schema or our rules
+ +-- TargetError   an accelerator target profile is invalid or unusable here
+
+Callers (the CLI) catch BuilderError to report a build failure; anything else is a builder bug.
+"""
+
+
+class BuilderError(Exception):
+    """Base of every error the builder raises on purpose."""
+
+
+class SpecError(BuilderError):
+    """A pipeline spec is invalid."""
+
+
+class ConfigError(BuilderError):
+    """A model configuration does not fit Triton's schema or our rules."""
+
+
+class TargetError(BuilderError):
+    """An accelerator target profile is invalid or unusable on this machine."""

@@ -1,0 +1,139 @@
+"""Render a complete, self-contained Triton model repository for a pipeline spec and a target.
+
+Layout (model names prefixed with the pipeline name so several pipelines can share a repository):
+
+    <out>/<name>_preprocess/{config.pbtxt, 1/model.py, 1/backends/...}
+    <out>/<name>_detector/{config.pbtxt, 1/model.onnx (+ model.py on CPU)}
+    <out>/<name>_postprocess/...
+    <out>/<name>_router/...
+    <out>/<name>/{config.pbtxt, 1/}          the ensemble clients call
+    <out>/<name>.pipeline.json               the resolved spec and model hash, for clients and audits
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+
+from backends.common import tensors as T
+from builder import steps
+from builder.errors import BuilderError
+from builder.model_inspect import ModelInterface, inspect_onnx
+from builder.spec import PipelineSpec
+from builder.targets import TargetProfile, make_target
+from builder.triton_config import ModelConfig, write_config
+
+BACKENDS_SOURCE = Path(__file__).resolve().parent.parent / "backends"
+PIPELINE_FILE_SUFFIX = ".pipeline.json"
+
+
+def target_for(spec: PipelineSpec, **overrides: object) -> TargetProfile:
+    """The spec's target profile with the spec's runtime section applied, then explicit overrides."""
+    runtime = spec.runtime
+    merged: dict[str, object] = {
+        "max_batch_size": runtime.max_batch_size,
+        "max_queue_delay_us": runtime.max_queue_delay_us,
+        "detector_instances": runtime.detector_instances,
+        "preprocess_instances": runtime.preprocess_instances,
+        "intra_op_threads": runtime.intra_op_threads,
+    }
+    merged.update({k: v for k, v in overrides.items() if v is not None})
+    return make_target(spec.target, **merged)
+
+
+def check_interface(spec: PipelineSpec, interface: ModelInterface) -> None:
+    """Fail at build time when the spec does not describe the model file."""
+    if spec.input.name not in interface.inputs:
+        raise BuilderError(f"model has no input {spec.input.name!r}; its inputs: {sorted(interface.inputs)}")
+    if spec.output.name not in interface.outputs:
+        raise BuilderError(f"model has no output {spec.output.name!r}; its outputs: {sorted(interface.outputs)}")
+    model_in = interface.inputs[spec.input.name]
+    expected = spec.input.shape
+    actual = model_in.shape[1:]
+    if len(actual) != 3 or any(a not in (-1, e) for a, e in zip(actual, expected)):
+        raise BuilderError(
+            f"model input {spec.input.name!r} has shape {model_in.shape}, but the spec's "
+            f"{spec.input.layout} {spec.input.height}x{spec.input.width} needs [batch, {', '.join(map(str, expected))}]"
+        )
+    if model_in.dtype != spec.input.dtype:
+        raise BuilderError(f"model input {spec.input.name!r} is {model_in.dtype}, the spec says {spec.input.dtype}")
+    out = interface.outputs[spec.output.name]
+    if spec.output.format == "detections" and (len(out.shape) != 3 or out.shape[-1] not in (-1, 6)):
+        raise BuilderError(f"format 'detections' needs an output [B, K, 6]; {spec.output.name!r} is {out.shape}")
+    if spec.output.format == "yolov8":
+        if len(out.shape) != 3:
+            raise BuilderError(f"format 'yolov8' needs an output [B, 4 + C, N]; {spec.output.name!r} is {out.shape}")
+        if out.shape[1] not in (-1, 4 + len(spec.classes)):
+            raise BuilderError(f"yolov8 output has {out.shape[1]} channels but the spec lists {len(spec.classes)} classes (need 4 + C)")
+    elif spec.output.format == "detections" and len(spec.classes) < 1:
+        raise BuilderError("classes must not be empty")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _copy_python_model(step: str, version_dir: Path) -> None:
+    version_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(BACKENDS_SOURCE / step / "model.py", version_dir / "model.py")
+    shutil.copytree(
+        BACKENDS_SOURCE,
+        version_dir / "backends",
+        ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "model.py"),
+    )
+
+
+def _write_model(out: Path, config: ModelConfig, python_step: str | None) -> Path:
+    model_dir = out / config.name
+    version_dir = model_dir / "1"
+    version_dir.mkdir(parents=True, exist_ok=True)
+    if python_step is not None:
+        _copy_python_model(python_step, version_dir)
+    write_config(config, model_dir)
+    return model_dir
+
+
+def render_repository(spec: PipelineSpec, out: Path, target: TargetProfile | None = None) -> Path:
+    """Write the repository for spec into out (replacing only this pipeline's models) and return out.
+
+    Everything is first rendered into a temporary folder beside out, so a failure never leaves a
+    half-written model behind.
+    """
+    target = target or target_for(spec)
+    interface = inspect_onnx(spec.model_path)
+    check_interface(spec, interface)
+    configs = steps.pipeline_configs(spec, target, interface)
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}-render-", dir=out.parent) as tmp:
+        staging = Path(tmp)
+        _write_model(staging, configs.preprocess, "preprocess")
+        detector_dir = _write_model(staging, configs.detector, "detector" if target.detector_engine == "python_onnxruntime" else None)
+        shutil.copy2(spec.model_path, detector_dir / "1" / steps.detector_model_filename(target))
+        _write_model(staging, configs.postprocess, "postprocess")
+        _write_model(staging, configs.router, "router")
+        _write_model(staging, configs.ensemble, None)
+        pipeline = {
+            "spec": spec.to_dict(),
+            "target": asdict(target),
+            "model_sha256": _sha256(spec.model_path),
+            "ensemble": configs.ensemble.name,
+            "outputs": [T.BOXES, T.SCORES, T.CLASS_IDS, T.CLASS_NAMES, T.NUM_DETECTIONS, T.SOURCE, T.DEGRADED],
+        }
+        (staging / f"{spec.name}{PIPELINE_FILE_SUFFIX}").write_text(json.dumps(pipeline, indent=2, sort_keys=True))
+        for item in sorted(staging.iterdir()):
+            dest = out / item.name
+            if dest.is_dir():
+                shutil.rmtree(dest)
+            elif dest.exists():
+                dest.unlink()
+            item.rename(dest)
+    return out

@@ -1,0 +1,215 @@
+"""Pipeline spec: one YAML file names the model, its input/output conventions, classes and thresholds.
+
+Loading validates everything a server would otherwise discover at request time: paths exist, the
+model's tensors exist with the declared name and shape, the class list matches the model.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from builder.errors import SpecError
+
+LAYOUTS = ("NHWC", "NCHW")
+CHANNEL_ORDERS = ("RGB", "BGR")
+INPUT_DTYPES = ("float32", "float16", "uint8")
+RESIZE_MODES = ("stretch", "letterbox")
+OUTPUT_FORMATS = ("detections", "yolov8")
+TARGETS = ("cpu", "nvidia-gpu", "jetson")
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise SpecError(message)
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    name: str
+    height: int
+    width: int
+    layout: str = "NHWC"
+    channel_order: str = "RGB"
+    dtype: str = "float32"
+    resize: str = "stretch"
+    pad_value: int = 114
+    scale: float = 1.0
+    mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    std: tuple[float, float, float] = (1.0, 1.0, 1.0)
+
+    def __post_init__(self) -> None:
+        _require(bool(self.name), "model.input.name must name the model's input tensor")
+        _require(self.height > 0 and self.width > 0, f"model.input size must be positive, got {self.height}x{self.width}")
+        _require(self.layout in LAYOUTS, f"model.input.layout {self.layout!r} is not one of {LAYOUTS}")
+        _require(self.channel_order in CHANNEL_ORDERS, f"model.input.channel_order {self.channel_order!r} is not one of {CHANNEL_ORDERS}")
+        _require(self.dtype in INPUT_DTYPES, f"model.input.dtype {self.dtype!r} is not one of {INPUT_DTYPES}")
+        _require(self.resize in RESIZE_MODES, f"model.input.resize {self.resize!r} is not one of {RESIZE_MODES}")
+        _require(0 <= self.pad_value <= 255, f"model.input.pad_value must be 0..255, got {self.pad_value}")
+        _require(self.scale > 0, f"model.input.scale must be positive, got {self.scale}")
+        _require(len(self.mean) == 3 and len(self.std) == 3, "model.input.mean and std need 3 values each")
+        _require(all(s > 0 for s in self.std), f"model.input.std values must be positive, got {self.std}")
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """Shape of one image's tensor, without the batch dimension."""
+        if self.layout == "NHWC":
+            return (self.height, self.width, 3)
+        return (3, self.height, self.width)
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    name: str
+    format: str = "detections"
+
+    def __post_init__(self) -> None:
+        _require(bool(self.name), "model.output.name must name the model's output tensor")
+        _require(self.format in OUTPUT_FORMATS, f"model.output.format {self.format!r} is not one of {OUTPUT_FORMATS}")
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    score: float = 0.35
+    iou: float = 0.5
+    max_detections: int = 100
+    class_agnostic: bool = False
+
+    def __post_init__(self) -> None:
+        _require(0.0 <= self.score < 1.0, f"thresholds.score must be in [0, 1), got {self.score}")
+        _require(0.0 < self.iou <= 1.0, f"thresholds.iou must be in (0, 1], got {self.iou}")
+        _require(self.max_detections > 0, f"thresholds.max_detections must be positive, got {self.max_detections}")
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_bytes: int = 32 * 2**20
+    max_pixels: int = 40_000_000
+    max_side: int = 8192
+    min_side: int = 16
+
+    def __post_init__(self) -> None:
+        _require(self.max_bytes > 0 and self.max_pixels > 0, "limits.max_bytes and max_pixels must be positive")
+        _require(0 < self.min_side <= self.max_side, f"limits need 0 < min_side <= max_side, got {self.min_side}, {self.max_side}")
+
+
+@dataclass(frozen=True)
+class RouterSpec:
+    cloud_url: str | None = None
+    cloud_model: str = "detect"
+    min_confidence: float = 0.5
+    deadline_ms: int = 500
+    failure_threshold: int = 3
+    cooldown_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        _require(0.0 <= self.min_confidence <= 1.0, f"router.min_confidence must be in [0, 1], got {self.min_confidence}")
+        _require(self.deadline_ms > 0, f"router.deadline_ms must be positive, got {self.deadline_ms}")
+        _require(self.failure_threshold > 0, f"router.failure_threshold must be positive, got {self.failure_threshold}")
+        _require(self.cooldown_s > 0, f"router.cooldown_s must be positive, got {self.cooldown_s}")
+        if self.cloud_url is not None:
+            host, sep, port = self.cloud_url.rpartition(":")
+            _require(bool(sep and host and port.isdigit()), f"router.cloud_url must be host:port (gRPC), got {self.cloud_url!r}")
+
+
+@dataclass(frozen=True)
+class RuntimeSpec:
+    """Serving knobs; None means the target profile decides."""
+
+    max_batch_size: int | None = None
+    max_queue_delay_us: int | None = None
+    detector_instances: int | None = None
+    preprocess_instances: int | None = None
+    intra_op_threads: int | None = None
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            _require(value is None or (isinstance(value, int) and value >= 0), f"runtime.{f.name} must be a non-negative integer, got {value!r}")
+
+
+@dataclass(frozen=True)
+class PipelineSpec:
+    name: str
+    model_path: Path
+    input: InputSpec
+    output: OutputSpec
+    classes: tuple[str, ...]
+    thresholds: Thresholds = field(default_factory=Thresholds)
+    limits: Limits = field(default_factory=Limits)
+    router: RouterSpec = field(default_factory=RouterSpec)
+    runtime: RuntimeSpec = field(default_factory=RuntimeSpec)
+    target: str = "cpu"
+
+    def __post_init__(self) -> None:
+        _require(self.name.replace("_", "").replace("-", "").isalnum(), f"name {self.name!r} must be letters, digits, '_' or '-'")
+        _require(self.model_path.is_file(), f"model.path {self.model_path} does not exist")
+        _require(len(self.classes) > 0, "classes must list at least one class name")
+        _require(self.target in TARGETS, f"target {self.target!r} is not one of {TARGETS}")
+
+    def replace(self, **changes: Any) -> "PipelineSpec":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["model_path"] = str(self.model_path)
+        return data
+
+
+def _section(raw: Mapping[str, Any], key: str, cls: type, where: str) -> Any:
+    values = raw.get(key) or {}
+    _require(isinstance(values, Mapping), f"{where}{key} must be a mapping")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    _require(not unknown, f"{where}{key}: unknown field(s) {unknown}; known: {sorted(known)}")
+    converted = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+    try:
+        return cls(**converted)
+    except TypeError as exc:
+        raise SpecError(f"{where}{key}: {exc}") from exc
+
+
+def _load_classes(value: Any, base: Path) -> tuple[str, ...]:
+    if isinstance(value, list):
+        return tuple(str(v) for v in value)
+    _require(isinstance(value, str), "classes must be a list of names or a path to a names file")
+    path = (base / value).resolve()
+    _require(path.is_file(), f"classes file {path} does not exist")
+    return tuple(line.strip() for line in path.read_text().splitlines() if line.strip())
+
+
+def parse_spec(raw: Mapping[str, Any], base_dir: Path) -> PipelineSpec:
+    """Build a PipelineSpec from a parsed YAML mapping; relative paths resolve against base_dir."""
+    _require(isinstance(raw, Mapping), "a spec must be a YAML mapping")
+    known = {"name", "model", "classes", "thresholds", "limits", "router", "runtime", "target"}
+    unknown = sorted(set(raw) - known)
+    _require(not unknown, f"unknown top-level field(s) {unknown}; known: {sorted(known)}")
+    model = raw.get("model")
+    _require(isinstance(model, Mapping) and "path" in model, "model.path is required")
+    _require("classes" in raw, "classes is required (a list or a names file)")
+    return PipelineSpec(
+        name=str(raw.get("name", "detect")),
+        model_path=(base_dir / str(model["path"])).resolve(),
+        input=_section(model, "input", InputSpec, "model."),
+        output=_section(model, "output", OutputSpec, "model."),
+        classes=_load_classes(raw["classes"], base_dir),
+        thresholds=_section(raw, "thresholds", Thresholds, ""),
+        limits=_section(raw, "limits", Limits, ""),
+        router=_section(raw, "router", RouterSpec, ""),
+        runtime=_section(raw, "runtime", RuntimeSpec, ""),
+        target=str(raw.get("target", "cpu")),
+    )
+
+
+def load_spec(path: str | Path) -> PipelineSpec:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise SpecError(f"cannot read spec {path}: {exc}") from exc
+    except yaml.YAMLError as exc:
+        raise SpecError(f"spec {path} is not valid YAML: {exc}") from exc
+    return parse_spec(raw, path.parent.resolve())

@@ -1,0 +1,168 @@
+"""The typed Triton configurations of each pipeline step and of the ensemble that wires them."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+
+from backends.common import tensors as T
+from backends.common.geometry import TRANSFORM_WIDTH
+from builder.model_inspect import ModelInterface
+from builder.spec import PipelineSpec
+from builder.targets import TargetProfile
+from builder.triton_config import (
+    DynamicBatching,
+    EnsembleStep,
+    ExecutionAccelerator,
+    InstanceGroup,
+    ModelConfig,
+    ModelWarmup,
+    Optimization,
+    TensorConfig,
+    WarmupInput,
+)
+
+CONFIG_PARAMETER = "config"  # each Python model reads its settings from this JSON parameter
+
+
+@dataclass(frozen=True)
+class PipelineConfigs:
+    preprocess: ModelConfig
+    detector: ModelConfig
+    postprocess: ModelConfig
+    router: ModelConfig
+    ensemble: ModelConfig
+
+
+def detector_model_filename(target: TargetProfile) -> str:
+    return "model.plan" if target.detector_engine == "tensorrt_plan" else "model.onnx"
+
+
+def _batching(max_batch_size: int, target: TargetProfile) -> DynamicBatching | None:
+    if max_batch_size <= 1:
+        return None
+    return DynamicBatching(max_queue_delay_microseconds=target.max_queue_delay_us)
+
+
+def _instances(kind: str, count: int, target: TargetProfile) -> tuple[InstanceGroup, ...]:
+    gpus = target.gpus if kind == "KIND_GPU" else ()
+    return (InstanceGroup(kind=kind, count=count, gpus=gpus),)
+
+
+def _python_model(name: str, settings: dict, *, max_batch_size: int, target: TargetProfile, kind: str, count: int,
+                  inputs: tuple[TensorConfig, ...], outputs: tuple[TensorConfig, ...], warmup: tuple[ModelWarmup, ...] = ()) -> ModelConfig:
+    return ModelConfig(
+        name=name,
+        backend="python",
+        max_batch_size=max_batch_size,
+        inputs=inputs,
+        outputs=outputs,
+        instance_groups=_instances(kind, count, target),
+        dynamic_batching=_batching(max_batch_size, target),
+        parameters={CONFIG_PARAMETER: json.dumps(settings, sort_keys=True)},
+        warmup=warmup,
+    )
+
+
+def _detector(spec: PipelineSpec, target: TargetProfile, interface: ModelInterface, max_batch_size: int) -> ModelConfig:
+    model_in = interface.inputs[spec.input.name]
+    model_out = interface.outputs[spec.output.name]
+    inputs = (TensorConfig(spec.input.name, model_in.dtype, spec.input.shape),)
+    outputs = (TensorConfig(spec.output.name, model_out.dtype, model_out.shape[1:]),)
+    warmup = (
+        ModelWarmup(
+            name="random_image",
+            batch_size=1,
+            inputs={spec.input.name: WarmupInput(data_type=model_in.dtype, dims=spec.input.shape, random_data=True)},
+        ),
+    )
+    name = f"{spec.name}_detector"
+    if target.detector_engine == "python_onnxruntime":
+        settings = {
+            "model_file": detector_model_filename(target),
+            "input_name": spec.input.name,
+            "output_name": spec.output.name,
+            "intra_op_threads": target.intra_op_threads,
+            "fixed_batch": interface.fixed_batch,
+        }
+        return _python_model(name, settings, max_batch_size=max_batch_size, target=target, kind="KIND_CPU",
+                             count=target.detector_instances, inputs=inputs, outputs=outputs, warmup=warmup)
+    optimization = None
+    if target.detector_engine == "onnxruntime_onnx":
+        trt_parameters = {"precision_mode": target.precision.upper(), "max_workspace_size_bytes": str(target.max_workspace_bytes)}
+        optimization = Optimization(gpu_accelerators=(ExecutionAccelerator("tensorrt", trt_parameters),))
+    return ModelConfig(
+        name=name,
+        platform=target.detector_engine,
+        max_batch_size=max_batch_size,
+        inputs=inputs,
+        outputs=outputs,
+        instance_groups=_instances("KIND_GPU", target.detector_instances, target),
+        dynamic_batching=_batching(max_batch_size, target),
+        optimization=optimization,
+        default_model_filename=detector_model_filename(target),
+        warmup=warmup,
+    )
+
+
+def pipeline_configs(spec: PipelineSpec, target: TargetProfile, interface: ModelInterface) -> PipelineConfigs:
+    """All five configurations. A native detector whose graph has a fixed batch caps the ensemble's batch."""
+    max_batch = target.max_batch_size
+    fixed = interface.fixed_batch
+    native_detector = target.detector_engine != "python_onnxruntime"
+    detector_max_batch = min(max_batch, fixed) if (native_detector and fixed) else max_batch
+    ensemble_max_batch = detector_max_batch
+    model_out = interface.outputs[spec.output.name]
+    preprocess_kind = "KIND_GPU" if target.on_gpu else "KIND_CPU"
+
+    preprocess = _python_model(
+        f"{spec.name}_preprocess",
+        {"input": {k: v for k, v in asdict(spec.input).items() if k != "name"}, "limits": asdict(spec.limits)},
+        max_batch_size=max_batch, target=target, kind=preprocess_kind, count=target.preprocess_instances,
+        inputs=(TensorConfig(T.IMAGE, "BYTES", (1,)),),
+        outputs=(TensorConfig(T.PREPROCESSED, spec.input.dtype, spec.input.shape),
+                 TensorConfig(T.TRANSFORM, "float32", (TRANSFORM_WIDTH,))),
+    )
+    detector = _detector(spec, target, interface, detector_max_batch)
+    postprocess = _python_model(
+        f"{spec.name}_postprocess",
+        {"format": spec.output.format, "classes": list(spec.classes), "thresholds": asdict(spec.thresholds)},
+        max_batch_size=max_batch, target=target, kind="KIND_CPU", count=target.postprocess_instances,
+        inputs=(TensorConfig(T.RAW_OUTPUT, model_out.dtype, model_out.shape[1:]),
+                TensorConfig(T.TRANSFORM, "float32", (TRANSFORM_WIDTH,))),
+        outputs=_detection_tensors(edge=True),
+    )
+    router = _python_model(
+        f"{spec.name}_router",
+        asdict(spec.router),
+        max_batch_size=max_batch, target=target, kind="KIND_CPU", count=target.router_instances,
+        inputs=(TensorConfig(T.IMAGE, "BYTES", (1,)),) + _detection_tensors(edge=True),
+        outputs=_detection_tensors(edge=False) + (TensorConfig(T.SOURCE, "BYTES", (1,)), TensorConfig(T.DEGRADED, "BOOL", (1,))),
+    )
+    edge_map = {name: name for name in T.EDGE_TO_FINAL}
+    ensemble = ModelConfig(
+        name=spec.name,
+        platform="ensemble",
+        max_batch_size=ensemble_max_batch,
+        inputs=(TensorConfig(T.IMAGE, "BYTES", (1,)),),
+        outputs=router.outputs,
+        ensemble_steps=(
+            EnsembleStep(preprocess.name, {T.IMAGE: T.IMAGE}, {T.PREPROCESSED: T.PREPROCESSED, T.TRANSFORM: T.TRANSFORM}),
+            EnsembleStep(detector.name, {spec.input.name: T.PREPROCESSED}, {spec.output.name: T.RAW_OUTPUT}),
+            EnsembleStep(postprocess.name, {T.RAW_OUTPUT: T.RAW_OUTPUT, T.TRANSFORM: T.TRANSFORM}, edge_map),
+            EnsembleStep(router.name, {T.IMAGE: T.IMAGE, **edge_map},
+                         {name: name for name in (*T.DETECTION_OUTPUTS, T.SOURCE, T.DEGRADED)}),
+        ),
+    )
+    return PipelineConfigs(preprocess, detector, postprocess, router, ensemble)
+
+
+def _detection_tensors(*, edge: bool) -> tuple[TensorConfig, ...]:
+    names = list(T.EDGE_TO_FINAL) if edge else list(T.EDGE_TO_FINAL.values())
+    boxes, scores, class_ids, class_names, count = names
+    return (
+        TensorConfig(boxes, "float32", (-1, 4)),
+        TensorConfig(scores, "float32", (-1,)),
+        TensorConfig(class_ids, "int32", (-1,)),
+        TensorConfig(class_names, "BYTES", (-1,)),
+        TensorConfig(count, "int32", (1,)),
+    )

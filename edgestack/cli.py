@@ -1,0 +1,151 @@
+"""edgestack: build a Triton model repository from a pipeline spec, serve it, and run detections."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Sequence
+
+from builder.errors import BuilderError
+from edgestack.errors import EdgestackError
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_SPEC = ROOT / "specs" / "centernet_coco.yaml"
+DEFAULT_IMAGES = ROOT.parent / "shared" / "fixtures" / "images"
+DEFAULT_PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}
+
+
+def _add_build_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--target", choices=["cpu", "nvidia-gpu", "jetson"], help="accelerator target (default: the spec's)")
+    parser.add_argument("--cloud-url", help="host:port of a cloud Triton (gRPC) for low-confidence images")
+    parser.add_argument("--max-batch-size", type=int, help="override the target's max batch size")
+    parser.add_argument("--detector-instances", type=int, help="override the detector's instance count")
+    parser.add_argument("--intra-op-threads", type=int, help="ONNX Runtime intra-op threads per detector instance (CPU)")
+
+
+def build_from_args(args: argparse.Namespace) -> Path:
+    from builder.repository import render_repository, target_for
+    from builder.spec import load_spec
+
+    spec = load_spec(args.spec)
+    if args.target:
+        spec = spec.replace(target=args.target)
+    if args.cloud_url:
+        spec = spec.replace(router=dataclasses.replace(spec.router, cloud_url=args.cloud_url))
+    target = target_for(spec, max_batch_size=args.max_batch_size, detector_instances=args.detector_instances,
+                        intra_op_threads=args.intra_op_threads)
+    return render_repository(spec, Path(args.out), target)
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    out = build_from_args(args)
+    print(f"model repository written to {out}")
+    for child in sorted(p for p in out.iterdir() if p.is_dir()):
+        print(f"  {child.name}/config.pbtxt")
+    return 0
+
+
+def _wait_for_signal() -> None:
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from edgestack.server import TritonServer
+
+    server = TritonServer(Path(args.repository), http_port=args.http_port, grpc_port=args.grpc_port,
+                          metrics_port=args.metrics_port, log_path=Path(args.log) if args.log else None)
+    with server:
+        print(f"tritonserver ready (pid {server.pid}): grpc {server.grpc_url}  http {server.http_url}  "
+              f"metrics 127.0.0.1:{server.metrics_port}; Ctrl-C to stop", flush=True)
+        _wait_for_signal()
+        print("stopping tritonserver", flush=True)
+    return 0
+
+
+def cmd_detect(args: argparse.Namespace) -> int:
+    from edgestack.annotate import write_annotated
+    from edgestack.client import DetectionClient
+
+    url = args.url or f"127.0.0.1:{DEFAULT_PORTS[args.protocol]}"
+    failures = 0
+    with DetectionClient(url, args.protocol, args.model, timeout_s=args.timeout) as client:
+        for name in args.images:
+            path = Path(name)
+            data = path.read_bytes()
+            try:
+                result = client.detect(data)
+            except EdgestackError as exc:
+                failures += 1
+                print(json.dumps({"image": str(path), "error": str(exc)}))
+                continue
+            print(json.dumps({"image": str(path), **result.to_dict()}))
+            if args.annotate:
+                write_annotated(data, result, Path(args.annotate) / f"{path.stem}.jpg")
+    return 1 if failures else 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from edgestack.demo import run_demo
+
+    return run_demo(Path(args.spec), Path(args.images), Path(args.out), args.protocol)
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edgestack", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    build = sub.add_parser("build", aliases=["render"], help="pipeline spec + target -> Triton model repository",
+                           description="Render every config.pbtxt and copy the model and backend code into a self-contained repository.")
+    build.add_argument("spec", nargs="?", default=str(DEFAULT_SPEC), help=f"pipeline spec YAML (default: {DEFAULT_SPEC.relative_to(ROOT)})")
+    build.add_argument("--out", default="model_repository", help="output repository folder (default: model_repository)")
+    _add_build_options(build)
+    build.set_defaults(func=cmd_build)
+
+    serve = sub.add_parser("serve", help="run tritonserver on a repository until SIGINT/SIGTERM",
+                           description="Start tritonserver on loopback, wait until it is ready, stop it cleanly on SIGINT/SIGTERM.")
+    serve.add_argument("repository", nargs="?", default="model_repository")
+    serve.add_argument("--http-port", type=int, default=DEFAULT_PORTS["http"])
+    serve.add_argument("--grpc-port", type=int, default=DEFAULT_PORTS["grpc"])
+    serve.add_argument("--metrics-port", type=int, default=DEFAULT_PORTS["metrics"])
+    serve.add_argument("--log", help="append the server's log to this file (default: discard)")
+    serve.set_defaults(func=cmd_serve)
+
+    detect = sub.add_parser("detect", help="detect objects in images through a running server; prints JSON lines",
+                            description="Send each image to the ensemble and print one JSON line per image.")
+    detect.add_argument("images", nargs="+", help="JPEG/PNG files")
+    detect.add_argument("--protocol", choices=["grpc", "http"], default="grpc")
+    detect.add_argument("--url", help="host:port (default: 127.0.0.1:8001 for grpc, :8000 for http)")
+    detect.add_argument("--model", default="detect", help="ensemble name (the spec's name)")
+    detect.add_argument("--annotate", metavar="DIR", help="also write pictures with boxes, names and scores to DIR")
+    detect.add_argument("--timeout", type=float, default=30.0, help="per-request timeout in seconds")
+    detect.set_defaults(func=cmd_detect)
+
+    demo = sub.add_parser("demo", help="build, serve, detect the fixture photos, write results, stop",
+                          description="The whole path on this machine: render the repository, start tritonserver, "
+                                      "run every image through the ensemble, write JSON and annotated pictures, stop.")
+    demo.add_argument("--spec", default=str(DEFAULT_SPEC))
+    demo.add_argument("--images", default=str(DEFAULT_IMAGES))
+    demo.add_argument("--out", default="out/demo")
+    demo.add_argument("--protocol", choices=["grpc", "http"], default="grpc")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (BuilderError, EdgestackError) as exc:
+        print(f"edgestack {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

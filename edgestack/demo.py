@@ -1,0 +1,50 @@
+"""The demo: spec -> repository -> real tritonserver -> every photo through the ensemble -> files + table."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from builder.repository import render_repository
+from builder.spec import load_spec
+from edgestack.annotate import write_annotated
+from edgestack.client import DetectionClient
+from edgestack.errors import EdgestackError
+from edgestack.server import TritonServer
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+
+
+def run_demo(spec_path: Path, images_dir: Path, out_dir: Path, protocol: str = "grpc") -> int:
+    spec = load_spec(spec_path)
+    images = sorted(p for p in images_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not images:
+        raise EdgestackError(f"no images in {images_dir}")
+    repository = render_repository(spec, out_dir / "model_repository")
+    print(f"rendered {repository} from {spec_path} (target {spec.target})")
+    rows, failures = [], 0
+    with TritonServer(repository, log_path=out_dir / "tritonserver.log") as server:
+        print(f"tritonserver ready (pid {server.pid}) grpc {server.grpc_url} http {server.http_url}")
+        url = server.grpc_url if protocol == "grpc" else server.http_url
+        with DetectionClient(url, protocol, spec.name) as client:
+            for path in images:
+                data = path.read_bytes()
+                started = time.perf_counter()
+                try:
+                    result = client.detect(data)
+                except EdgestackError as exc:
+                    failures += 1
+                    rows.append((path.name, f"ERROR {exc}", "", 0.0))
+                    continue
+                elapsed_ms = (time.perf_counter() - started) * 1000
+                (out_dir / "json").mkdir(parents=True, exist_ok=True)
+                (out_dir / "json" / f"{path.stem}.json").write_text(json.dumps({"image": path.name, **result.to_dict()}, indent=2))
+                write_annotated(data, result, out_dir / "annotated" / f"{path.stem}.jpg")
+                found = ", ".join(f"{d.class_name} {d.score:.2f}" for d in result.detections) or "nothing"
+                rows.append((path.name, found, result.source, elapsed_ms))
+    width = max(len(r[0]) for r in rows)
+    print(f"\n{'image':<{width}}  {'ms':>6}  {'source':<6}  detections (class score)")
+    for name, found, source, ms in rows:
+        print(f"{name:<{width}}  {ms:6.1f}  {source:<6}  {found}")
+    print(f"\nJSON in {out_dir / 'json'}, annotated pictures in {out_dir / 'annotated'}; tritonserver stopped.")
+    return 1 if failures else 0
