@@ -1,0 +1,31 @@
+# The two commands: `make demo` (the main job) and `make test` (the whole suite). Both set up .venv first.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test unit bench clean
+
+$(STAMP): requirements.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -r requirements.txt
+	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	$(BIN)/edgestack demo --out out/demo
+
+test: setup
+	$(BIN)/python -m pytest -ra
+
+unit: setup
+	$(BIN)/python -m pytest -ra tests/unit
+
+bench: setup
+	$(BIN)/python benchmarks/ensemble_overhead.py --out BENCHMARKS.md
+
+clean:
+	rm -rf out model_repository
