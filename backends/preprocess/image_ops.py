@@ -20,7 +20,7 @@ _WIDE_GRAY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 # DecodeLimits.max_pixels is enforced on the header before any pixel is decoded, so Pillow's own
 # process-wide bomb check is turned off: it would otherwise fire first with an unclear message.
-pass
+Image.MAX_IMAGE_PIXELS = None
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,56 @@
+"""Integration fixtures: real tritonserver processes on free loopback ports, stopped by PID."""
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from builder.repository import render_repository, target_for
+from builder.spec import load_spec
+from edgestack.client import DetectionClient
+from edgestack.server import TritonServer
+from tests.conftest import SPEC
+
+pytestmark = pytest.mark.integration
+
+# Concurrent requests wait up to 5 ms to be batched together, so the batch tests really get batches.
+QUEUE_DELAY_US = 5000
+
+
+def render(tmp: Path, **router_changes) -> Path:
+    spec = load_spec(SPEC)
+    if router_changes:
+        import dataclasses
+
+        spec = spec.replace(router=dataclasses.replace(spec.router, **router_changes))
+    return render_repository(spec, tmp / "model_repository", target_for(spec, max_queue_delay_us=QUEUE_DELAY_US))
+
+
+def assert_stopped(server_pid: int) -> None:
+    """The server and its Python-backend stubs (same process group) are gone."""
+    try:
+        os.killpg(server_pid, 0)
+    except ProcessLookupError:
+        return
+    os.killpg(server_pid, signal.SIGKILL)
+    pytest.fail(f"processes of tritonserver group {server_pid} were still running after stop()")
+
+
+@pytest.fixture(scope="session")
+def edge_server(tmp_path_factory) -> Iterator[TritonServer]:
+    tmp = tmp_path_factory.mktemp("edge")
+    server = TritonServer(render(tmp), log_path=tmp / "tritonserver.log")
+    with server:
+        pid = server.pid
+        yield server
+    assert_stopped(pid)
+
+
+@pytest.fixture(params=["grpc", "http"])
+def client(request, edge_server) -> Iterator[DetectionClient]:
+    url = edge_server.grpc_url if request.param == "grpc" else edge_server.http_url
+    with DetectionClient(url, request.param) as c:
+        yield c
