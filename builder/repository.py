@@ -46,20 +46,20 @@ def target_for(spec: PipelineSpec, **overrides: object) -> TargetProfile:
 
 def check_interface(spec: PipelineSpec, interface: ModelInterface) -> None:
     """Fail at build time when the spec does not describe the model file."""
-    if spec.input.name not in interface.inputs:
-        raise BuilderError(f"model has no input {spec.input.name!r}; its inputs: {sorted(interface.inputs)}")
+    if spec.input_name not in interface.inputs:
+        raise BuilderError(f"model has no input {spec.input_name!r}; its inputs: {sorted(interface.inputs)}")
     if spec.output.name not in interface.outputs:
         raise BuilderError(f"model has no output {spec.output.name!r}; its outputs: {sorted(interface.outputs)}")
-    model_in = interface.inputs[spec.input.name]
-    expected = spec.input.shape
+    model_in = interface.inputs[spec.input_name]
+    expected = spec.input_shape
     actual = model_in.shape[1:]
     if len(actual) != 3 or any(a not in (-1, e) for a, e in zip(actual, expected)):
         raise BuilderError(
-            f"model input {spec.input.name!r} has shape {model_in.shape}, but the spec's "
+            f"model input {spec.input_name!r} has shape {model_in.shape}, but the spec's "
             f"{spec.input.layout} {spec.input.height}x{spec.input.width} needs [batch, {', '.join(map(str, expected))}]"
         )
     if model_in.dtype != spec.input.dtype:
-        raise BuilderError(f"model input {spec.input.name!r} is {model_in.dtype}, the spec says {spec.input.dtype}")
+        raise BuilderError(f"model input {spec.input_name!r} is {model_in.dtype}, the spec says {spec.input.dtype}")
     out = interface.outputs[spec.output.name]
     if spec.output.format == "detections" and (len(out.shape) != 3 or out.shape[-1] not in (-1, 6)):
         raise BuilderError(f"format 'detections' needs an output [B, K, 6]; {spec.output.name!r} is {out.shape}")

@@ -12,12 +12,10 @@ from typing import Any, Mapping
 
 import yaml
 
+from backends.preprocess.image_ops import DecodeLimits as Limits
+from backends.preprocess.image_ops import InputSpec
 from builder.errors import SpecError
 
-LAYOUTS = ("NHWC", "NCHW")
-CHANNEL_ORDERS = ("RGB", "BGR")
-INPUT_DTYPES = ("float32", "float16", "uint8")
-RESIZE_MODES = ("stretch", "letterbox")
 OUTPUT_FORMATS = ("detections", "yolov8")
 TARGETS = ("cpu", "nvidia-gpu", "jetson")
 
@@ -25,40 +23,6 @@ TARGETS = ("cpu", "nvidia-gpu", "jetson")
 def _require(condition: bool, message: str) -> None:
     if not condition:
         raise SpecError(message)
-
-
-@dataclass(frozen=True)
-class InputSpec:
-    name: str
-    height: int
-    width: int
-    layout: str = "NHWC"
-    channel_order: str = "RGB"
-    dtype: str = "float32"
-    resize: str = "stretch"
-    pad_value: int = 114
-    scale: float = 1.0
-    mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
-    std: tuple[float, float, float] = (1.0, 1.0, 1.0)
-
-    def __post_init__(self) -> None:
-        _require(bool(self.name), "model.input.name must name the model's input tensor")
-        _require(self.height > 0 and self.width > 0, f"model.input size must be positive, got {self.height}x{self.width}")
-        _require(self.layout in LAYOUTS, f"model.input.layout {self.layout!r} is not one of {LAYOUTS}")
-        _require(self.channel_order in CHANNEL_ORDERS, f"model.input.channel_order {self.channel_order!r} is not one of {CHANNEL_ORDERS}")
-        _require(self.dtype in INPUT_DTYPES, f"model.input.dtype {self.dtype!r} is not one of {INPUT_DTYPES}")
-        _require(self.resize in RESIZE_MODES, f"model.input.resize {self.resize!r} is not one of {RESIZE_MODES}")
-        _require(0 <= self.pad_value <= 255, f"model.input.pad_value must be 0..255, got {self.pad_value}")
-        _require(self.scale > 0, f"model.input.scale must be positive, got {self.scale}")
-        _require(len(self.mean) == 3 and len(self.std) == 3, "model.input.mean and std need 3 values each")
-        _require(all(s > 0 for s in self.std), f"model.input.std values must be positive, got {self.std}")
-
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        """Shape of one image's tensor, without the batch dimension."""
-        if self.layout == "NHWC":
-            return (self.height, self.width, 3)
-        return (3, self.height, self.width)
 
 
 @dataclass(frozen=True)
@@ -82,18 +46,6 @@ class Thresholds:
         _require(0.0 <= self.score < 1.0, f"thresholds.score must be in [0, 1), got {self.score}")
         _require(0.0 < self.iou <= 1.0, f"thresholds.iou must be in (0, 1], got {self.iou}")
         _require(self.max_detections > 0, f"thresholds.max_detections must be positive, got {self.max_detections}")
-
-
-@dataclass(frozen=True)
-class Limits:
-    max_bytes: int = 32 * 2**20
-    max_pixels: int = 40_000_000
-    max_side: int = 8192
-    min_side: int = 16
-
-    def __post_init__(self) -> None:
-        _require(self.max_bytes > 0 and self.max_pixels > 0, "limits.max_bytes and max_pixels must be positive")
-        _require(0 < self.min_side <= self.max_side, f"limits need 0 < min_side <= max_side, got {self.min_side}, {self.max_side}")
 
 
 @dataclass(frozen=True)
@@ -135,6 +87,7 @@ class RuntimeSpec:
 class PipelineSpec:
     name: str
     model_path: Path
+    input_name: str
     input: InputSpec
     output: OutputSpec
     classes: tuple[str, ...]
@@ -145,10 +98,18 @@ class PipelineSpec:
     target: str = "cpu"
 
     def __post_init__(self) -> None:
+        _require(bool(self.input_name), "model.input.name must name the model's input tensor")
         _require(self.name.replace("_", "").replace("-", "").isalnum(), f"name {self.name!r} must be letters, digits, '_' or '-'")
         _require(self.model_path.is_file(), f"model.path {self.model_path} does not exist")
         _require(len(self.classes) > 0, "classes must list at least one class name")
         _require(self.target in TARGETS, f"target {self.target!r} is not one of {TARGETS}")
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """Shape of one image's model input, without the batch dimension."""
+        if self.input.layout == "NHWC":
+            return (self.input.height, self.input.width, 3)
+        return (3, self.input.height, self.input.width)
 
     def replace(self, **changes: Any) -> "PipelineSpec":
         return dataclasses.replace(self, **changes)
@@ -159,16 +120,17 @@ class PipelineSpec:
         return data
 
 
-def _section(raw: Mapping[str, Any], key: str, cls: type, where: str) -> Any:
+def _section(raw: Mapping[str, Any], key: str, cls: type, where: str, skip: tuple[str, ...] = ()) -> Any:
     values = raw.get(key) or {}
     _require(isinstance(values, Mapping), f"{where}{key} must be a mapping")
+    values = {k: v for k, v in values.items() if k not in skip}
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)
     _require(not unknown, f"{where}{key}: unknown field(s) {unknown}; known: {sorted(known)}")
     converted = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
     try:
         return cls(**converted)
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:
         raise SpecError(f"{where}{key}: {exc}") from exc
 
 
@@ -193,7 +155,8 @@ def parse_spec(raw: Mapping[str, Any], base_dir: Path) -> PipelineSpec:
     return PipelineSpec(
         name=str(raw.get("name", "detect")),
         model_path=(base_dir / str(model["path"])).resolve(),
-        input=_section(model, "input", InputSpec, "model."),
+        input_name=str((model.get("input") or {}).get("name", "")),
+        input=_section(model, "input", InputSpec, "model.", skip=("name",)),
         output=_section(model, "output", OutputSpec, "model."),
         classes=_load_classes(raw["classes"], base_dir),
         thresholds=_section(raw, "thresholds", Thresholds, ""),

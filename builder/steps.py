@@ -64,22 +64,22 @@ def _python_model(name: str, settings: dict, *, max_batch_size: int, target: Tar
 
 
 def _detector(spec: PipelineSpec, target: TargetProfile, interface: ModelInterface, max_batch_size: int) -> ModelConfig:
-    model_in = interface.inputs[spec.input.name]
+    model_in = interface.inputs[spec.input_name]
     model_out = interface.outputs[spec.output.name]
-    inputs = (TensorConfig(spec.input.name, model_in.dtype, spec.input.shape),)
+    inputs = (TensorConfig(spec.input_name, model_in.dtype, spec.input_shape),)
     outputs = (TensorConfig(spec.output.name, model_out.dtype, model_out.shape[1:]),)
     warmup = (
         ModelWarmup(
             name="random_image",
             batch_size=1,
-            inputs={spec.input.name: WarmupInput(data_type=model_in.dtype, dims=spec.input.shape, random_data=True)},
+            inputs={spec.input_name: WarmupInput(data_type=model_in.dtype, dims=spec.input_shape, random_data=True)},
         ),
     )
     name = f"{spec.name}_detector"
     if target.detector_engine == "python_onnxruntime":
         settings = {
             "model_file": detector_model_filename(target),
-            "input_name": spec.input.name,
+            "input_name": spec.input_name,
             "output_name": spec.output.name,
             "intra_op_threads": target.intra_op_threads,
             "fixed_batch": interface.fixed_batch,
@@ -116,10 +116,10 @@ def pipeline_configs(spec: PipelineSpec, target: TargetProfile, interface: Model
 
     preprocess = _python_model(
         f"{spec.name}_preprocess",
-        {"input": {k: v for k, v in asdict(spec.input).items() if k != "name"}, "limits": asdict(spec.limits)},
+        {"input": asdict(spec.input), "limits": asdict(spec.limits)},
         max_batch_size=max_batch, target=target, kind=preprocess_kind, count=target.preprocess_instances,
         inputs=(TensorConfig(T.IMAGE, "BYTES", (1,)),),
-        outputs=(TensorConfig(T.PREPROCESSED, spec.input.dtype, spec.input.shape),
+        outputs=(TensorConfig(T.PREPROCESSED, spec.input.dtype, spec.input_shape),
                  TensorConfig(T.TRANSFORM, "float32", (TRANSFORM_WIDTH,))),
     )
     detector = _detector(spec, target, interface, detector_max_batch)
@@ -147,7 +147,7 @@ def pipeline_configs(spec: PipelineSpec, target: TargetProfile, interface: Model
         outputs=router.outputs,
         ensemble_steps=(
             EnsembleStep(preprocess.name, {T.IMAGE: T.IMAGE}, {T.PREPROCESSED: T.PREPROCESSED, T.TRANSFORM: T.TRANSFORM}),
-            EnsembleStep(detector.name, {spec.input.name: T.PREPROCESSED}, {spec.output.name: T.RAW_OUTPUT}),
+            EnsembleStep(detector.name, {spec.input_name: T.PREPROCESSED}, {spec.output.name: T.RAW_OUTPUT}),
             EnsembleStep(postprocess.name, {T.RAW_OUTPUT: T.RAW_OUTPUT, T.TRANSFORM: T.TRANSFORM}, edge_map),
             EnsembleStep(router.name, {T.IMAGE: T.IMAGE, **edge_map},
                          {name: name for name in (*T.DETECTION_OUTPUTS, T.SOURCE, T.DEGRADED)}),
