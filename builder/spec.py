@@ -143,6 +143,12 @@ def _load_classes(value: Any, base: Path) -> tuple[str, ...]:
     return tuple(line.strip() for line in path.read_text().splitlines() if line.strip())
 
 
+def _input_name(section: Any) -> str:
+    """model.input.name, or "" (rejected by PipelineSpec) when absent; a non-mapping section fails in _section."""
+    name = section.get("name") if isinstance(section, Mapping) else None
+    return "" if name is None else str(name)
+
+
 def parse_spec(raw: Mapping[str, Any], base_dir: Path) -> PipelineSpec:
     """Build a PipelineSpec from a parsed YAML mapping; relative paths resolve against base_dir."""
     _require(isinstance(raw, Mapping), "a spec must be a YAML mapping")
@@ -151,11 +157,13 @@ def parse_spec(raw: Mapping[str, Any], base_dir: Path) -> PipelineSpec:
     _require(not unknown, f"unknown top-level field(s) {unknown}; known: {sorted(known)}")
     model = raw.get("model")
     _require(isinstance(model, Mapping) and "path" in model, "model.path is required")
+    unknown_model = sorted(set(model) - {"path", "input", "output"})
+    _require(not unknown_model, f"model: unknown field(s) {unknown_model}; known: ['input', 'output', 'path']")
     _require("classes" in raw, "classes is required (a list or a names file)")
     return PipelineSpec(
         name=str(raw.get("name", "detect")),
         model_path=(base_dir / str(model["path"])).resolve(),
-        input_name=str((model.get("input") or {}).get("name", "")),
+        input_name=_input_name(model.get("input")),
         input=_section(model, "input", InputSpec, "model.", skip=("name",)),
         output=_section(model, "output", OutputSpec, "model."),
         classes=_load_classes(raw["classes"], base_dir),
@@ -171,7 +179,7 @@ def load_spec(path: str | Path) -> PipelineSpec:
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text())
-    except OSError as exc:
+    except (OSError, UnicodeDecodeError) as exc:
         raise SpecError(f"cannot read spec {path}: {exc}") from exc
     except yaml.YAMLError as exc:
         raise SpecError(f"spec {path} is not valid YAML: {exc}") from exc

@@ -21,6 +21,10 @@ from typing import IO, Sequence
 from edgestack.errors import ServerError
 
 
+PYTHON_SHM_DEFAULT_BYTES = 32 * 2**20
+PYTHON_SHM_GROWTH_BYTES = 16 * 2**20
+
+
 @dataclass(frozen=True)
 class TritonInstall:
     binary: Path
@@ -110,6 +114,10 @@ class TritonServer:
             "--allow-metrics=true",
             "--exit-timeout-secs=10",
             "--log-info=true",
+            # Python-backend tensors travel through shared memory; a region that starts small grows
+            # by mmap on every large tensor (a 512x512x3 float32 image is 3 MiB).
+            f"--backend-config=python,shm-default-byte-size={PYTHON_SHM_DEFAULT_BYTES}",
+            f"--backend-config=python,shm-growth-byte-size={PYTHON_SHM_GROWTH_BYTES}",
         ]
         if self.explicit_models is not None:
             cmd.append("--model-control-mode=explicit")

@@ -59,8 +59,8 @@ def test_shipped_spec_loads():
     assert spec.classes == tuple(line.strip() for line in FIXTURE_NAMES.read_text().splitlines() if line.strip())
     assert (spec.input.height, spec.input.width) == (512, 512)
     assert spec.input.layout == "NHWC"
-    assert spec.input.shape == (512, 512, 3)
-    assert spec.input.name == "tower_0/images:0"
+    assert spec.input_shape == (512, 512, 3)
+    assert spec.input_name == "tower_0/images:0"
     assert spec.input.dtype == "float32"
     assert spec.output.name == "tower_0/detections"
     assert spec.output.format == "detections"
@@ -77,14 +77,14 @@ def test_load_spec_accepts_str_path():
 def test_valid_temporary_spec_loads(tmp_path):
     spec = load_spec(write_spec(tmp_path, base_spec()))
     assert spec.classes == ("person", "bicycle", "car")
-    assert spec.input.shape == (512, 512, 3)
+    assert spec.input_shape == (512, 512, 3)
 
 
 def test_nchw_shape_puts_channels_first(tmp_path):
     raw = base_spec()
     raw["model"]["input"]["layout"] = "NCHW"
     raw["model"]["input"]["height"], raw["model"]["input"]["width"] = 320, 640
-    assert load_spec(write_spec(tmp_path, raw)).input.shape == (3, 320, 640)
+    assert load_spec(write_spec(tmp_path, raw)).input_shape == (3, 320, 640)
 
 
 def test_relative_paths_resolve_against_the_spec_file(tmp_path):
@@ -212,27 +212,59 @@ def test_model_path_is_a_directory(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "field, value, named",
+    "field, value",
     [
-        ("layout", "NWHC", "model.input.layout"),
-        ("dtype", "int64", "model.input.dtype"),
-        ("resize", "crop", "model.input.resize"),
-        ("channel_order", "GRB", "model.input.channel_order"),
-        ("pad_value", 256, "model.input.pad_value"),
-        ("scale", 0, "model.input.scale"),
-        ("height", 0, "model.input size"),
-        ("std", [1.0, 0.0, 1.0], "model.input.std"),
-        ("mean", [0.0, 0.0], "model.input.mean"),
-        ("name", "", "model.input.name"),
+        ("layout", "NWHC"),
+        ("dtype", "int64"),
+        ("resize", "crop"),
+        ("channel_order", "GRB"),
+        ("pad_value", 256),
+        ("scale", 0),
+        ("height", 0),
+        ("width", -512),
+        ("std", [1.0, 0.0, 1.0]),
+        ("mean", [0.0, 0.0]),
     ],
 )
-def test_bad_input_values(tmp_path, field, value, named):
+def test_bad_input_values(tmp_path, field, value):
     raw = base_spec()
     raw["model"]["input"][field] = value
     message = spec_error(tmp_path, raw)
-    assert named in message
-    if isinstance(value, str) and value:
+    assert "model.input" in message and field in message
+    if isinstance(value, str):
         assert repr(value) in message
+
+
+def test_empty_input_name(tmp_path):
+    raw = base_spec()
+    raw["model"]["input"]["name"] = ""
+    assert "model.input.name" in spec_error(tmp_path, raw)
+
+
+def test_missing_input_name(tmp_path):
+    raw = base_spec()
+    del raw["model"]["input"]["name"]
+    assert "model.input.name" in spec_error(tmp_path, raw)
+
+
+def test_null_input_name(tmp_path):
+    raw = base_spec()
+    raw["model"]["input"]["name"] = None
+    assert "model.input.name" in spec_error(tmp_path, raw)
+
+
+@pytest.mark.parametrize("section", [[1, 2], "tower_0/images:0", 5])
+def test_input_section_that_is_not_a_mapping(tmp_path, section):
+    raw = base_spec()
+    raw["model"]["input"] = section
+    assert "model.input" in spec_error(tmp_path, raw)
+
+
+@pytest.mark.parametrize("section", [[1, 2], "tower_0/detections"])
+def test_output_section_that_is_not_a_mapping(tmp_path, section):
+    raw = base_spec()
+    raw["model"]["output"] = section
+    assert "model.output" in spec_error(tmp_path, raw)
 
 
 def test_bad_output_format(tmp_path):
