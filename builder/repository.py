@@ -21,6 +21,7 @@ from pathlib import Path
 from backends.common import tensors as T
 from builder import steps
 from builder.errors import BuilderError
+from builder.input_fusion import fuse_input_conversion
 from builder.model_inspect import ModelInterface, inspect_onnx
 from builder.spec import PipelineSpec
 from builder.targets import TargetProfile, make_target
@@ -117,7 +118,11 @@ def render_repository(spec: PipelineSpec, out: Path, target: TargetProfile | Non
         staging = Path(tmp)
         _write_model(staging, configs.preprocess, "preprocess")
         detector_dir = _write_model(staging, configs.detector, "detector" if target.detector_engine == "python_onnxruntime" else None)
-        shutil.copy2(spec.model_path, detector_dir / "1" / steps.detector_model_filename(target))
+        model_file = detector_dir / "1" / steps.detector_model_filename(target)
+        if steps.fuses_input(spec, target):
+            fuse_input_conversion(spec.model_path, model_file, spec.input_name, spec.input)
+        else:
+            shutil.copy2(spec.model_path, model_file)
         _write_model(staging, configs.postprocess, "postprocess")
         _write_model(staging, configs.router, "router")
         _write_model(staging, configs.ensemble, None)

@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass
 
 from backends.common import tensors as T
 from backends.common.geometry import TRANSFORM_WIDTH
+from builder.input_fusion import transport_spec
 from builder.model_inspect import ModelInterface
 from builder.spec import PipelineSpec
 from builder.targets import TargetProfile
@@ -63,16 +64,22 @@ def _python_model(name: str, settings: dict, *, max_batch_size: int, target: Tar
     )
 
 
+def fuses_input(spec: PipelineSpec, target: TargetProfile) -> bool:
+    """Whether the detector graph takes uint8 pixels and converts them itself (builder/input_fusion.py)."""
+    return target.fuse_input_conversion and spec.input.dtype != "uint8"
+
+
 def _detector(spec: PipelineSpec, target: TargetProfile, interface: ModelInterface, max_batch_size: int) -> ModelConfig:
     model_in = interface.inputs[spec.input_name]
     model_out = interface.outputs[spec.output.name]
-    inputs = (TensorConfig(spec.input_name, model_in.dtype, spec.input_shape),)
+    in_dtype = "uint8" if fuses_input(spec, target) else model_in.dtype
+    inputs = (TensorConfig(spec.input_name, in_dtype, spec.input_shape),)
     outputs = (TensorConfig(spec.output.name, model_out.dtype, model_out.shape[1:]),)
     warmup = (
         ModelWarmup(
             name="random_image",
             batch_size=1,
-            inputs={spec.input_name: WarmupInput(data_type=model_in.dtype, dims=spec.input_shape, random_data=True)},
+            inputs={spec.input_name: WarmupInput(data_type=in_dtype, dims=spec.input_shape, random_data=True)},
         ),
     )
     name = f"{spec.name}_detector"
@@ -113,13 +120,14 @@ def pipeline_configs(spec: PipelineSpec, target: TargetProfile, interface: Model
     ensemble_max_batch = detector_max_batch
     model_out = interface.outputs[spec.output.name]
     preprocess_kind = "KIND_GPU" if target.on_gpu else "KIND_CPU"
+    emitted = transport_spec(spec.input) if fuses_input(spec, target) else spec.input
 
     preprocess = _python_model(
         f"{spec.name}_preprocess",
-        {"input": asdict(spec.input), "limits": asdict(spec.limits)},
+        {"input": asdict(emitted), "limits": asdict(spec.limits)},
         max_batch_size=max_batch, target=target, kind=preprocess_kind, count=target.preprocess_instances,
         inputs=(TensorConfig(T.IMAGE, "BYTES", (1,)),),
-        outputs=(TensorConfig(T.PREPROCESSED, spec.input.dtype, spec.input_shape),
+        outputs=(TensorConfig(T.PREPROCESSED, emitted.dtype, spec.input_shape),
                  TensorConfig(T.TRANSFORM, "float32", (TRANSFORM_WIDTH,))),
     )
     detector = _detector(spec, target, interface, detector_max_batch)

@@ -29,6 +29,7 @@ class TargetProfile:
     precision: str = "fp32"
     gpus: tuple[int, ...] = ()
     max_workspace_bytes: int = 0
+    fuse_input_conversion: bool = False  # preprocess emits uint8, the graph converts (see input_fusion.py)
 
     def __post_init__(self) -> None:
         if self.detector_engine not in DETECTOR_ENGINES:
@@ -59,6 +60,7 @@ class CpuTarget(TargetProfile):
     instance_kind: str = "KIND_CPU"
     detector_instances: int = 2
     intra_op_threads: int = 1
+    fuse_input_conversion: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()

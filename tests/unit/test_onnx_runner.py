@@ -8,8 +8,9 @@ import pytest
 
 from backends.detector.onnx_runner import OnnxDetector, make_session, run_requests
 from backends.errors import InvalidTensorError
+from tests.conftest import MODEL
 
-FIXTURE_MODEL = Path("/work/shared/fixtures/models/centernet_mb3_coco.onnx")
+FIXTURE_MODEL = MODEL
 INPUT_NAME = "tower_0/images:0"
 OUTPUT_NAME = "tower_0/detections"
 

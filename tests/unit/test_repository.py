@@ -17,10 +17,11 @@ from builder.repository import check_interface, render_repository, target_for
 from builder.spec import load_spec
 from builder.targets import make_target
 from builder.triton_config import CONFIG_FILENAME, parse
+from tests.conftest import MODEL
 
 REPO = Path(__file__).resolve().parents[2]
 SHIPPED_SPEC = REPO / "specs" / "centernet_coco.yaml"
-FIXTURE_MODEL = Path("/work/shared/fixtures/models/centernet_mb3_coco.onnx")
+FIXTURE_MODEL = MODEL
 PYTHON_STEPS = ("preprocess", "postprocess", "router")
 
 
@@ -192,10 +193,25 @@ def test_ensemble_version_folder_is_empty(spec, cpu_repo):
     assert list((cpu_repo / spec.name / "1").iterdir()) == []
 
 
-def test_detector_model_file_is_the_source(spec, cpu_repo):
-    copied = cpu_repo / f"{spec.name}_detector" / "1" / "model.onnx"
-    assert copied.is_file()
-    assert sha256(copied) == sha256(FIXTURE_MODEL)
+def test_cpu_detector_model_takes_uint8_and_matches_the_source(spec, cpu_repo):
+    """On CPU the input conversion is fused into the graph: same outputs as the source on the same pixels."""
+    import numpy as np
+    import onnxruntime as ort
+
+    fused_path = cpu_repo / f"{spec.name}_detector" / "1" / "model.onnx"
+    fused = ort.InferenceSession(str(fused_path), providers=["CPUExecutionProvider"])
+    source = ort.InferenceSession(str(FIXTURE_MODEL), providers=["CPUExecutionProvider"])
+    assert fused.get_inputs()[0].type == "tensor(uint8)"
+    pixels = np.random.default_rng(1).integers(0, 256, (1, 512, 512, 3), dtype=np.uint8)
+    out_fused = fused.run([spec.output.name], {spec.input_name: pixels})[0]
+    out_source = source.run([spec.output.name], {spec.input_name: pixels.astype(np.float32)})[0]
+    np.testing.assert_array_equal(out_fused, out_source)
+
+
+def test_gpu_detector_model_file_is_the_source(spec, tmp_path):
+    gpu_spec = spec.replace(target="nvidia-gpu")
+    out = render_repository(gpu_spec, tmp_path / "repo")
+    assert sha256(out / f"{spec.name}_detector" / "1" / "model.onnx") == sha256(FIXTURE_MODEL)
 
 
 def test_cpu_detector_config(spec, cpu_repo):

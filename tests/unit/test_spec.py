@@ -8,11 +8,12 @@ import yaml
 
 from builder.errors import BuilderError, SpecError
 from builder.spec import PipelineSpec, load_spec, parse_spec
+from tests.conftest import FIXTURES, MODEL
 
 REPO = Path(__file__).resolve().parents[2]
 SHIPPED_SPEC = REPO / "specs" / "centernet_coco.yaml"
-FIXTURE_MODEL = Path("/work/shared/fixtures/models/centernet_mb3_coco.onnx")
-FIXTURE_NAMES = Path("/work/shared/fixtures/models/coco80.names")
+FIXTURE_MODEL = MODEL
+FIXTURE_NAMES = FIXTURES / "models" / "coco80.names"
 
 
 def base_spec() -> dict:
