@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import platform
 import statistics
 import sys
@@ -120,8 +121,8 @@ def main() -> int:
     spec = load_spec(args.spec)
     images = [p.read_bytes() for p in sorted(Path(args.images).iterdir()) if p.suffix.lower() in {".jpg", ".png"}]
     detect_local = in_process_detector(spec, args.threads)
-    lines = [f"## Ensemble overhead ({datetime.date.today()}, {platform.machine()}, {len(images)} images, "
-             f"{args.threads} ONNX Runtime thread(s))", ""]
+    lines = [f"## Ensemble overhead ({datetime.date.today()}, {platform.machine()}, {os.cpu_count()} cores, {len(images)} images)",
+             "", f"Latency at concurrency 1: one detector instance with {args.threads} ONNX Runtime thread(s) on both sides.", ""]
 
     with tempfile.TemporaryDirectory() as tmp:
         target = target_for(spec, intra_op_threads=args.threads, detector_instances=1)
@@ -142,9 +143,13 @@ def main() -> int:
                     local.append((t1 - t0) * 1000)
                     served.append((t2 - t1) * 1000)
             breakdown = step_breakdown(server, spec, before)
+        # Throughput with the target's own serving profile (instances, threads), on a fresh server.
+        serving = target_for(spec)
+        repo = render_repository(spec, Path(tmp) / "repo_serving", serving)
+        with TritonServer(repo, log_path=Path(tmp) / "triton_serving.log") as server:
             levels = [int(c) for c in args.concurrency.split(",")]
+            throughput(server.grpc_url, images, 1, 1.0)  # warm-up
             rates = {c: throughput(server.grpc_url, images, c, args.seconds) for c in levels}
-            instances = target.detector_instances
 
     ratio = statistics.median(served) / statistics.median(local)
     lines += [
@@ -162,7 +167,8 @@ def main() -> int:
     ]
     for step, s in breakdown.items():
         lines.append(f"| {step} | {s['queue']:.2f} | {s['compute_input']:.2f} | {s['compute_infer']:.2f} | {s['compute_output']:.2f} |")
-    lines += ["", f"Ensemble throughput over gRPC ({instances} detector instance(s) x {args.threads} thread(s)):", "",
+    lines += ["", f"Ensemble throughput over gRPC, target `{serving.name}` as served by default "
+              f"({serving.detector_instances} detector instance(s) x {serving.intra_op_threads} thread(s)):", "",
               "| concurrency | images/s | p99 ms |", "|---|---|---|"]
     lines += [f"| {c} | {rate:.1f} | {p99:.1f} |" for c, (rate, p99) in rates.items()]
     lines += ["", f"Command: `{' '.join(['python', 'benchmarks/ensemble_overhead.py', *sys.argv[1:]])}`", ""]
