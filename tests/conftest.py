@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-FIXTURES = ROOT.parent / "shared" / "fixtures"
+FIXTURES = (ROOT.parent / "shared" / "fixtures").resolve()
 IMAGES = FIXTURES / "images"
 MODEL = FIXTURES / "models" / "centernet_mb3_coco.onnx"
 SPEC = ROOT / "specs" / "centernet_coco.yaml"
