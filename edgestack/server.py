@@ -16,7 +16,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Sequence
+from typing import IO, Callable, Sequence
 
 from edgestack.errors import ServerError
 
@@ -124,7 +124,7 @@ class TritonServer:
             cmd += [f"--load-model={name}" for name in self.explicit_models]
         return cmd + list(self.extra_args)
 
-    def start(self, timeout_s: float = 120.0) -> "TritonServer":
+    def start(self, timeout_s: float = 120.0, should_stop: Callable[[], bool] = lambda: False) -> "TritonServer":
         if not self.repository.is_dir():
             raise ServerError(f"model repository {self.repository} does not exist; run `edgestack build` first")
         install = find_triton()
@@ -134,7 +134,7 @@ class TritonServer:
             start_new_session=True,
         )
         try:
-            self.wait_ready(timeout_s)
+            self.wait_ready(timeout_s, should_stop)
         except BaseException:
             self.stop()
             raise
@@ -147,14 +147,16 @@ class TritonServer:
         except (urllib.error.URLError, OSError):
             return False
 
-    def wait_ready(self, timeout_s: float) -> None:
+    def wait_ready(self, timeout_s: float, should_stop: Callable[[], bool] = lambda: False) -> None:
         deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and not should_stop():
             if self.process is not None and self.process.poll() is not None:
                 raise ServerError(f"tritonserver exited with code {self.process.returncode} while starting; log: {self.log_path}")
             if self.is_ready():
                 return
             time.sleep(0.25)
+        if should_stop():
+            return
         raise ServerError(f"tritonserver was not ready within {timeout_s:.0f}s; log: {self.log_path}")
 
     def stop(self, timeout_s: float = 20.0) -> None:
