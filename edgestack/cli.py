@@ -49,23 +49,24 @@ def cmd_build(args: argparse.Namespace) -> int:
     return 0
 
 
-def _wait_for_signal() -> None:
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
     from edgestack.server import TritonServer
 
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):  # before the start, so an early signal still stops the server
+        signal.signal(sig, lambda *_: stop.set())
     server = TritonServer(Path(args.repository), http_port=args.http_port, grpc_port=args.grpc_port,
-                          metrics_port=args.metrics_port, log_path=Path(args.log) if args.log else None)
-    with server:
-        print(f"tritonserver ready (pid {server.pid}): grpc {server.grpc_url}  http {server.http_url}  "
-              f"metrics 127.0.0.1:{server.metrics_port}; Ctrl-C to stop", flush=True)
-        _wait_for_signal()
+                          metrics_port=args.metrics_port, log_path=Path(args.log) if args.log else None,
+                          address=args.address)
+    server.start(should_stop=stop.is_set)
+    try:
+        if not stop.is_set():
+            print(f"tritonserver ready (pid {server.pid}): grpc {server.grpc_url}  http {server.http_url}  "
+                  f"metrics 127.0.0.1:{server.metrics_port}; Ctrl-C to stop", flush=True)
+            stop.wait()
         print("stopping tritonserver", flush=True)
+    finally:
+        server.stop()
     return 0
 
 
@@ -114,6 +115,7 @@ def make_parser() -> argparse.ArgumentParser:
     serve.add_argument("--http-port", type=int, default=DEFAULT_PORTS["http"])
     serve.add_argument("--grpc-port", type=int, default=DEFAULT_PORTS["grpc"])
     serve.add_argument("--metrics-port", type=int, default=DEFAULT_PORTS["metrics"])
+    serve.add_argument("--address", default="127.0.0.1", help="address to listen on (0.0.0.0 in a container)")
     serve.add_argument("--log", help="append the server's log to this file (default: discard)")
     serve.set_defaults(func=cmd_serve)
 
@@ -135,6 +137,12 @@ def make_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="out/demo")
     demo.add_argument("--protocol", choices=["grpc", "http"], default="grpc")
     demo.set_defaults(func=cmd_demo)
+
+    from edgestack import latency_budget
+    from loadtests import run as load
+
+    latency_budget.add_parser(sub)
+    load.add_parser(sub)
     return parser
 
 
