@@ -1,6 +1,7 @@
 """The typed Triton configurations of each pipeline step and of the ensemble that wires them."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import asdict, dataclass
 
@@ -91,8 +92,13 @@ def _detector(spec: PipelineSpec, target: TargetProfile, interface: ModelInterfa
             "intra_op_threads": target.intra_op_threads,
             "fixed_batch": interface.fixed_batch,
         }
-        return _python_model(name, settings, max_batch_size=max_batch_size, target=target, kind="KIND_CPU",
-                             count=target.detector_instances, inputs=inputs, outputs=outputs, warmup=warmup)
+        config = _python_model(name, settings, max_batch_size=max_batch_size, target=target, kind="KIND_CPU",
+                               count=target.detector_instances, inputs=inputs, outputs=outputs, warmup=warmup)
+        if interface.fixed_batch == 1:
+            # The graph runs image by image anyway; a batch of requests would all answer when its last
+            # image is done, which only adds tail latency. One request per execute().
+            config = dataclasses.replace(config, dynamic_batching=None)
+        return config
     optimization = None
     if target.detector_engine == "onnxruntime_onnx":
         trt_parameters = {"precision_mode": target.precision.upper(), "max_workspace_size_bytes": str(target.max_workspace_bytes)}

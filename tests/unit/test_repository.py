@@ -226,7 +226,8 @@ def test_cpu_detector_config(spec, cpu_repo):
     }
     assert detector.max_batch_size == 8  # the Python runner splits batches for the fixed-batch graph
     assert [(g.kind, g.count) for g in detector.instance_groups] == [("KIND_CPU", 2)]
-    assert detector.dynamic_batching is not None
+    # A fixed-batch-1 graph runs image by image: one request per execute(), no batching to wait on.
+    assert detector.dynamic_batching is None
     assert [t.dims for t in detector.inputs] == [(512, 512, 3)]
     assert [t.dims for t in detector.outputs] == [(100, 6)]
     ensemble = parse((cpu_repo / spec.name / CONFIG_FILENAME).read_text())
