@@ -26,6 +26,8 @@ unit: setup
 
 bench: setup
 	$(BIN)/python benchmarks/ensemble_overhead.py --out BENCHMARKS.md
+	$(BIN)/edgestack bench --requests 40
+	$(BIN)/python benchmarks/peer_fastapi.py --seconds 10 --out BENCHMARKS.md
 
 clean:
 	rm -rf out model_repository

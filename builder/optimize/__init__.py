@@ -1,0 +1,1 @@
+"""Model optimization: calibration, quantized/compiled variants per accelerator, evaluation and report."""

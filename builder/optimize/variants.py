@@ -1,0 +1,48 @@
+"""What a built model variant is, and how to run one for evaluation (the contract between the parts)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+RUNTIMES = ("onnxruntime", "openvino", "tensorrt")
+PRECISIONS = ("fp32", "fp16", "int8")
+
+
+class VariantRunner(Protocol):
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        """The detector's raw output (the spec's output tensor) for a model-input batch [N, ...] (float32)."""
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One artifact built from the source model.
+
+    name: unique and filesystem-safe, e.g. "fp32", "int8-entropy-perchannel", "ov-int8".
+    runtime: which engine runs it; path: the model file (model.onnx, model.xml with its .bin, model.plan).
+    options: how it was made (calibration method, per-channel, excluded nodes...), recorded in the manifest.
+    targets: the pipeline targets that can serve it (cpu, intel, nvidia-gpu, jetson).
+    """
+
+    name: str
+    runtime: str
+    precision: str
+    path: Path
+    options: dict[str, Any] = field(default_factory=dict)
+    targets: tuple[str, ...] = ("cpu",)
+
+    def __post_init__(self) -> None:
+        if self.runtime not in RUNTIMES:
+            raise ValueError(f"variant {self.name}: runtime {self.runtime!r} is not one of {RUNTIMES}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"variant {self.name}: precision {self.precision!r} is not one of {PRECISIONS}")
+        if not self.name or any(c in self.name for c in "/\\ "):
+            raise ValueError(f"variant name {self.name!r} must be non-empty without slashes or spaces")
+
+    def files(self) -> tuple[Path, ...]:
+        """Every file the variant consists of (an OpenVINO IR is .xml + .bin)."""
+        if self.path.suffix == ".xml":
+            return (self.path, self.path.with_suffix(".bin"))
+        return (self.path,)
