@@ -46,3 +46,42 @@ class Variant:
         if self.path.suffix == ".xml":
             return (self.path, self.path.with_suffix(".bin"))
         return (self.path,)
+
+
+VARIANT_FILE = "variant.json"
+
+
+def save_variant(variant: Variant, manifest: dict[str, Any] | None = None) -> Path:
+    """Write variant.json (the Variant and its build manifest) beside the variant's model file."""
+    import json
+
+    record = {
+        "name": variant.name,
+        "runtime": variant.runtime,
+        "precision": variant.precision,
+        "file": variant.path.name,
+        "options": variant.options,
+        "targets": list(variant.targets),
+        "manifest": manifest or {},
+    }
+    out = variant.path.parent / VARIANT_FILE
+    out.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    return out
+
+
+def load_variant(folder: Path) -> tuple[Variant, dict[str, Any]]:
+    """The Variant stored in folder/variant.json and its manifest."""
+    import json
+
+    from builder.errors import BuilderError
+
+    path = Path(folder) / VARIANT_FILE
+    if not path.is_file():
+        raise BuilderError(f"{folder} is not a built variant (no {VARIANT_FILE}); run `edgestack optimize` first")
+    record = json.loads(path.read_text())
+    variant = Variant(record["name"], record["runtime"], record["precision"], Path(folder).resolve() / record["file"],
+                      record.get("options", {}), tuple(record.get("targets", ("cpu",))))
+    missing = [str(f) for f in variant.files() if not f.is_file()]
+    if missing:
+        raise BuilderError(f"variant {variant.name} is incomplete, missing: {missing}")
+    return variant, record.get("manifest", {})
