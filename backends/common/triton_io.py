@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import traceback
 from typing import Any, Callable
 
 import numpy as np
@@ -29,6 +30,7 @@ def error_response(exc: Exception) -> "pb_utils.InferenceResponse":
         code = pb_utils.TritonError.INVALID_ARG
     else:
         code = pb_utils.TritonError.INTERNAL
+        pb_utils.Logger.log_error("".join(traceback.format_exception(exc)))
         exc = RuntimeError(f"{type(exc).__name__}: {exc}")
     return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc), code))
 
