@@ -26,7 +26,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     print(f"\nreport: {result['report']['md']}")
     print(f"selection: {reason}")
     if picked is not None:
-        print(f"serve it: edgestack build {args.spec} --variant {picked['path']} --out model_repository")
+        print(f"serve it: edgestack build {args.spec} --variant {Path(picked['path']).parent} --out model_repository")
     return 0 if picked is not None or (args.latency_budget_ms is None and args.accuracy_floor is None) else 1
 
 

@@ -89,22 +89,31 @@ def make_runner(variant: Variant, spec: PipelineSpec, threads: int, fixed_batch:
 def _measure(variant: Variant, spec: PipelineSpec, settings: OptimizeSettings, images: list[Path], tensors: list,
              fixed_batch: int | None, reference) -> tuple[dict, list]:
     from builder.optimize import evaluate
+    from builder.optimize.report import variant_row
 
     runner = make_runner(variant, spec, settings.threads, fixed_batch)
     detections = evaluate.detect_images(runner, spec, images)
-    row = {"name": variant.name, "runtime": variant.runtime, "precision": variant.precision,
-           "options": variant.options, **evaluate.file_stats(variant)}
-    row.update(evaluate.measure_latency(runner, tensors, runs=settings.latency_runs, warmup=3))
-    batch_sizes = (1,) if fixed_batch == 1 else (1, 2, 4, 8)
-    row["throughput"] = evaluate.measure_throughput(runner, tensors, batch_sizes, settings.throughput_seconds)
-    baseline = detections if reference is None else reference
-    row["fidelity"] = evaluate.fidelity_map(baseline, detections, reference_score_threshold=spec.thresholds.score)
+    labelled = None
     if settings.labels is not None:
-        row["labelled"] = evaluate.labelled_map(settings.labels, detections, [p.name for p in images], spec.classes)
+        labelled = evaluate.labelled_map(settings.labels, detections, [p.name for p in images], spec.classes)
     if variant.runtime == "onnxruntime" and variant.precision == "int8":
         from builder.optimize.ort_variants import quantized_op_counts
 
-        row["quantized_ops"] = quantized_op_counts(variant.path)
+        quantized_ops = quantized_op_counts(variant.path)
+    else:
+        quantized_ops = evaluate.quantized_op_counts(variant) if variant.precision == "int8" else None
+    row = variant_row(
+        variant,
+        stats=evaluate.file_stats(variant),
+        latency=evaluate.measure_latency(runner, tensors, runs=settings.latency_runs, warmup=3),
+        throughput=evaluate.measure_throughput(runner, tensors, (1, 2, 4, 8), settings.throughput_seconds,
+                                               fixed_batch=fixed_batch),
+        fidelity=evaluate.fidelity_map(detections if reference is None else reference, detections,
+                                       reference_score_threshold=spec.thresholds.score),
+        labelled=labelled,
+        quantized_ops=quantized_ops,
+    )
+    row["options"] = variant.options
     return row, detections
 
 
@@ -145,13 +154,13 @@ def optimize(spec: PipelineSpec, settings: OptimizeSettings, log: Callable[[str]
                                   calibration_sha256=variant.options.get("calibration_sha256"), metrics=row)
         write_manifest(manifest, variant.path.parent)
         save_variant(variant, manifest)
-        row["path"] = str(variant.path.parent)
         rows.append(row)
         log(f"  {name}: p50 {row['p50_ms']:.1f} ms, mAP@0.5 vs fp32 {row['fidelity']['map50']:.3f}")
 
     selection = select_variant(rows, latency_budget_ms=settings.latency_budget_ms, accuracy_floor=settings.accuracy_floor)
     context = {"machine": platform.processor() or platform.machine(), "cores": os.cpu_count(), "threads": settings.threads,
                "evaluation_images": len(images), "calibration_images": len(calibration),
-               "calibration_sha256": calibration.sha256, "skipped": skipped}
+               "calibration_sha256": calibration.sha256, "skipped": skipped,
+               "latency_budget_ms": settings.latency_budget_ms, "accuracy_floor": settings.accuracy_floor}
     paths = write_report(rows, Path(settings.out_dir), selection=selection, context=context)
     return {"rows": rows, "selection": selection, "report": paths, "skipped": skipped}
