@@ -1,0 +1,1 @@
+"""The sidecar: runs beside Triton on a device and swaps model versions safely."""

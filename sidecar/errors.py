@@ -1,0 +1,64 @@
+"""Errors of the sidecar. Third-party errors (cryptography, tritonclient, urllib, bsdiff4, zstandard)
+are mapped to these at the boundary where they occur.
+
+SidecarError
+ +-- TrustError            metadata cannot be trusted
+ |    +-- SignatureError   unknown keys, bad signatures, fewer valid signatures than the threshold
+ |    +-- ExpiredError     metadata past its expiry (freeze attack)
+ |    +-- RollbackError    metadata older than the newest already trusted (rollback attack)
+ +-- BundleError           a bundle is malformed, or a file's size or hash differs from its metadata
+ +-- DeltaError            a delta does not apply: wrong base, corrupt delta, result hash differs
+ +-- DownloadError         a download failed after its bounded number of tries
+ +-- DiskSpaceError        not enough free disk to stage a version
+ +-- TritonControlError    Triton refused or failed a repository/inference call
+ +-- HealthGateError       a staged version failed the health gate (warm-up, expected outputs, latency)
+ +-- StateError            the persisted state file is unreadable or inconsistent
+"""
+
+
+class SidecarError(Exception):
+    """Base of the sidecar's errors."""
+
+
+class TrustError(SidecarError):
+    """Metadata cannot be trusted."""
+
+
+class SignatureError(TrustError):
+    """Signatures are missing, invalid, from unknown keys, or below the threshold."""
+
+
+class ExpiredError(TrustError):
+    """Metadata has expired."""
+
+
+class RollbackError(TrustError):
+    """Metadata is older than what was already trusted."""
+
+
+class BundleError(SidecarError):
+    """A bundle is malformed or its contents differ from its signed metadata."""
+
+
+class DeltaError(SidecarError):
+    """A delta cannot be applied or its result does not verify."""
+
+
+class DownloadError(SidecarError):
+    """A download failed after the allowed tries."""
+
+
+class DiskSpaceError(SidecarError):
+    """Not enough free disk space to stage a version."""
+
+
+class TritonControlError(SidecarError):
+    """Triton refused or failed a control or inference call."""
+
+
+class HealthGateError(SidecarError):
+    """A staged version failed its health gate; `reason` says which check."""
+
+
+class StateError(SidecarError):
+    """The persisted state is unreadable or inconsistent."""
