@@ -138,11 +138,14 @@ def make_parser() -> argparse.ArgumentParser:
     demo.add_argument("--protocol", choices=["grpc", "http"], default="grpc")
     demo.set_defaults(func=cmd_demo)
 
-    from edgestack import latency_budget
+    from edgestack import latency_budget, optimize_cli
     from loadtests import run as load
+    from sidecar import cli as sidecar_cli
 
+    optimize_cli.add_parser(sub)
     latency_budget.add_parser(sub)
     load.add_parser(sub)
+    sidecar_cli.add_parser(sub)
     return parser
 
 
