@@ -1,0 +1,433 @@
+"""The update agent: install a signed detector bundle as a NEW version folder, gate it, swap traffic, watch it.
+
+install(bundle):
+  [DOWNLOADING]  a URL is fetched with sidecar.download (resumable, size and sha256 checked)
+  VERIFYING      free disk checked (DiskSpaceError: nothing extracted or staged), then verify_bundle into
+                 <state_dir>/staging (signatures, expiry, rollback, every file's hash)
+  STAGING        copied to <model>/.staging-N, renamed to <model>/N (N = highest version folder + 1); the
+                 serving folder is never touched; the bundle's config.pbtxt is written only if the model has none
+  LOADING        the ensemble stays pinned to the previous version P; the detector is loaded with [P, N]
+  HEALTH_GATE    sidecar.health.health_gate on N (warm-up, expected outputs, latency against P)
+  COMMITTING     the ensemble is pinned to N (traffic moves now, in one reload), the detector reloaded with
+                 [N]; trust.remember(metadata); N joins the committed versions (the last keep_versions)
+  PROBATION      sidecar.health.probation on N for probation_s
+  DONE           version folders beyond the committed ones are removed
+Any failure after STAGING rolls back (ROLLING_BACK -> FAILED): pin P, load only P, remove N's folder, and
+the bundle is recorded as bad with the reason. Each state is persisted BEFORE its side effects, so
+recover() (sidecar.state.RECOVERY) can finish or undo whatever a crash interrupted.
+
+Structured logs: one JSON line per transition on stderr. Test hook: SIDECAR_TEST_PAUSE_AT=<STATE> makes
+the agent, right after persisting that state, create <state_dir>/paused-<STATE> and sleep forever.
+"""
+from __future__ import annotations
+
+import compileall
+import json
+import os
+import shutil
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+from urllib.parse import urlparse
+
+from sidecar.bundle import SignedBundle, verify_bundle
+from sidecar.download import download
+from sidecar.errors import BundleError, DiskSpaceError, DownloadError, HealthGateError, StateError
+from sidecar.health import health_gate, probation, stage_thresholds
+from sidecar.state import RECOVERY, TERMINAL, AgentState, State, StateStore, now_iso, recovery_action
+from sidecar.triton_control import TritonControl
+from sidecar.trust import TrustStore, metadata_sha256
+
+PAUSE_ENV = "SIDECAR_TEST_PAUSE_AT"
+STAGING_PREFIX = ".staging-"
+TRASH_PREFIX = ".trash-"
+
+
+class AgentBusyError(StateError):
+    """Another install, rollback or recovery is running."""
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _copy_synced(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with open(src, "rb") as fin, open(dst, "xb") as fout:
+        shutil.copyfileobj(fin, fout, 1 << 20)
+        fout.flush()
+        os.fsync(fout.fileno())
+
+
+class Agent:
+    def __init__(self, repository: Path, triton_http_url: str, state_dir: Path, trust: TrustStore, *,
+                 detector_model: str = "detect_detector", ensemble_model: str = "detect", keep_versions: int = 3,
+                 min_free_bytes: int = 64 << 20, probation_s: float = 60.0, stage: str = "canary",
+                 probation_poll_s: float = 0.5):
+        if keep_versions < 2:
+            raise ValueError("keep_versions must be at least 2 (the serving version and one to roll back to)")
+        self.repository = Path(repository)
+        self.model_dir = self.repository / detector_model
+        self.detector_model = detector_model
+        self.state_dir = Path(state_dir)
+        self.staging = self.state_dir / "staging"
+        self.downloads = self.state_dir / "downloads"
+        self.trust = trust
+        self.keep_versions = keep_versions
+        self.min_free_bytes = min_free_bytes
+        self.probation_s = probation_s
+        self.probation_poll_s = probation_poll_s
+        self.thresholds = stage_thresholds(stage)
+        self.control = TritonControl(triton_http_url, self.repository, detector_model, ensemble_model)
+        self.store = StateStore(self.state_dir / "state.json")
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._busy: str | None = None
+        self._abort: str | None = None
+        self._abort_taken = False
+        self.last_error: str | None = None
+
+    # --- reading ----------------------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        st = self.store.load() or AgentState()
+        out = {k: v for k, v in st.to_dict().items() if k not in ("signed", "history", "format", "bad_bundles")}
+        out.update(busy=self._busy, current=st.current, stage=self.thresholds.name, last_error=self.last_error,
+                   bad_bundles=len(st.bad_bundles))
+        if st.state not in TERMINAL:
+            out["recovery"] = RECOVERY[st.state]
+        return out
+
+    def history(self) -> list[dict[str, Any]]:
+        st = self.store.load()
+        return list(st.history) if st else []
+
+    def versions(self) -> dict[str, Any]:
+        st = self.store.load() or AgentState()
+        return {"current": st.current, "previous": st.committed[-2] if len(st.committed) > 1 else None,
+                "kept": list(st.committed), "on_disk": self.disk_versions(),
+                "candidate": None if st.state in TERMINAL else st.candidate}
+
+    def disk_versions(self) -> list[int]:
+        if not self.model_dir.is_dir():
+            return []
+        return sorted(int(p.name) for p in self.model_dir.iterdir()
+                      if p.is_dir() and p.name.isdigit() and not p.name.startswith("0"))
+
+    # --- plumbing ---------------------------------------------------------------------------------------
+
+    @contextmanager
+    def _exclusive(self, what: str, wait_s: float = 0.0) -> Iterator[None]:
+        acquired = self._lock.acquire(timeout=wait_s) if wait_s > 0 else self._lock.acquire(blocking=False)
+        if not acquired:
+            raise AgentBusyError(f"the agent is busy ({self._busy}); try again later")
+        self._busy = what
+        try:
+            yield
+            self.last_error = None
+        except Exception as exc:
+            self.last_error = f"{type(exc).__name__}: {exc}"
+            raise
+        finally:
+            self.control.close()  # no idle connection to Triton in between (it would hold up Triton's exit)
+            self._busy = None
+            self._lock.release()
+
+    def _log(self, **fields: Any) -> None:
+        sys.stderr.write(json.dumps({"ts": now_iso(), "component": "sidecar", **fields}, default=str) + "\n")
+        sys.stderr.flush()
+
+    def _load(self) -> AgentState:
+        st = self.store.load()
+        if st is None or not st.committed:
+            versions = self.disk_versions()
+            if not versions:
+                raise StateError(f"{self.model_dir} has no version folder: nothing is committed to serve")
+            st = st or AgentState()
+            st.committed = versions[-self.keep_versions:]
+            st.note("initialized", committed=st.committed)
+            self.store.save(st)
+        return st
+
+    def _transition(self, st: AgentState, new: State, **changes: Any) -> None:
+        if new not in TERMINAL and new != State.ROLLING_BACK and self._abort:
+            reason, self._abort, self._abort_taken = self._abort, None, True
+            raise HealthGateError(f"rollback requested: {reason}")
+        old = st.state
+        for key, value in changes.items():
+            setattr(st, key, value)
+        st.state = new
+        st.note("transition", previous_state=old.value, candidate=st.candidate, reason=st.reason if new in (
+            State.FAILED, State.ROLLING_BACK) else None)
+        self.store.save(st)
+        self._log(event="transition", **{"from": old.value, "to": new.value}, candidate=st.candidate,
+                  previous=st.previous, committed=st.committed, reason=st.reason)
+        if os.environ.get(PAUSE_ENV) == new.value:
+            (self.state_dir / f"paused-{new.value}").touch()
+            while True:
+                time.sleep(3600)
+
+    def _check_disk(self, needed: int) -> None:
+        """needed bytes on the staging and the repository filesystems (twice on one), min_free_bytes left over."""
+        usage: dict[int, list] = {}
+        for folder in (self.state_dir, self.model_dir):
+            entry = usage.setdefault(os.stat(folder).st_dev, [folder, 0])
+            entry[1] += needed
+        for folder, need in usage.values():
+            free = shutil.disk_usage(folder).free
+            if free - need < self.min_free_bytes:
+                raise DiskSpaceError(f"installing needs {need} bytes under {folder}: {free} free, and "
+                                     f"{self.min_free_bytes} must stay free")
+
+    def _remove_version(self, version: int) -> None:
+        folder = self.model_dir / str(version)
+        if folder.is_dir():
+            trash = self.model_dir / f"{TRASH_PREFIX}{version}-{os.getpid()}"
+            os.rename(folder, trash)  # one step: the numbered folder is gone or whole, never half removed
+            _fsync_dir(self.model_dir)
+            shutil.rmtree(trash, ignore_errors=True)
+
+    def _clean_leftovers(self, st: AgentState) -> None:
+        shutil.rmtree(self.staging, ignore_errors=True)
+        for path in self.model_dir.iterdir():
+            if path.name.startswith((STAGING_PREFIX, TRASH_PREFIX)):
+                shutil.rmtree(path, ignore_errors=True)
+        for version in self.disk_versions():
+            if version > st.current and version not in st.committed:
+                self._remove_version(version)  # staged by an install that never committed
+
+    # --- install ----------------------------------------------------------------------------------------
+
+    def install(self, source: str | Path, *, sha256: str | None = None, size: int | None = None) -> dict[str, Any]:
+        """Install a bundle file or URL; the status on success, else the SidecarError (after rollback)."""
+        source = str(source)
+        with self._exclusive(f"install {source}"):
+            st = self._load()
+            if st.state not in TERMINAL:
+                raise StateError(f"an install was interrupted in {st.state.value}: run recover() first")
+            self._abort, self._abort_taken = None, False
+            prev = st.current
+            started = time.monotonic()
+            st.bundle, st.previous, st.candidate, st.reason = source, prev, None, None
+            st.signed = st.baseline = st.model_version = st.metadata_version = None
+            st.note("install_started", bundle=source, previous=prev)
+            if self.control.pinned_version() != prev or self.control.ready_versions() != [prev]:
+                self.control.restore(prev)  # before any new folder exists: never let "latest" pick it up
+            bundle = self._verify_and_stage(st, source, sha256, size)
+            try:
+                self._transition(st, State.LOADING)
+                since = self.control.statistics(prev)
+                self.control.load_detector([prev, st.candidate])  # the ensemble stays on prev: no traffic moves
+                self._transition(st, State.HEALTH_GATE)
+                report = health_gate(self.control, st.candidate, prev, bundle.expected_outputs, self.thresholds,
+                                     previous_since=since)
+                st.baseline = report.pop("baseline")
+                st.note("gate_passed", **report)
+                self._transition(st, State.COMMITTING)
+                self._commit(st, started)
+                self._probation(st)
+            except Exception as exc:
+                self._rollback(st, f"{type(exc).__name__}: {exc}")
+                raise
+            return self.status()
+
+    def _verify_and_stage(self, st: AgentState, source: str, sha256: str | None, size: int | None) -> SignedBundle:
+        try:
+            path = Path(source)
+            if urlparse(source).scheme in ("http", "https"):
+                if not sha256 or size is None:
+                    raise DownloadError("installing from a URL needs the bundle's sha256 and size")
+                self._transition(st, State.DOWNLOADING)
+                name = Path(urlparse(source).path).name or "bundle.tar"
+                path = download(source, self.downloads / name, expected_size=int(size), expected_sha256=sha256)
+            self._transition(st, State.VERIFYING)
+            if not path.is_file():
+                raise BundleError(f"bundle {path} does not exist")
+            self._check_disk(path.stat().st_size)
+            shutil.rmtree(self.staging, ignore_errors=True)
+            bundle = verify_bundle(path, self.trust, self.staging)
+            if bundle.model_name != self.detector_model:
+                raise BundleError(f"the bundle is for {bundle.model_name}, this agent updates {self.detector_model}")
+            bad = st.bad_bundles.get(metadata_sha256(bundle.signed))
+            if bad:
+                raise BundleError(f"this bundle was rolled back before ({bad}); publish a fixed one")
+            version = max(self.disk_versions() + st.committed) + 1
+            self._transition(st, State.STAGING, candidate=version, signed=bundle.signed,
+                             model_version=bundle.version, metadata_version=bundle.metadata_version)
+            self._stage(bundle, version)
+            return bundle
+        except Exception as exc:
+            self._discard(st, f"{type(exc).__name__}: {exc}")
+            raise
+
+    def _stage(self, bundle: SignedBundle, version: int) -> None:
+        tmp = self.model_dir / f"{STAGING_PREFIX}{version}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        for rel, src in bundle.files.items():
+            _copy_synced(src, tmp / rel)
+        # Bytecode now, so the Python stub does not write __pycache__ into a loaded version: Triton reloads a
+        # model whose folder changed since its load (from disk) the next time the ensemble is loaded.
+        compileall.compile_dir(str(tmp), quiet=2, workers=1)
+        config = self.model_dir / "config.pbtxt"
+        if bundle.config_pbtxt is not None and not config.exists():
+            from sidecar.trust import atomic_write
+
+            atomic_write(config, bundle.config_pbtxt.encode("utf-8"))
+        os.rename(tmp, self.model_dir / str(version))
+        _fsync_dir(self.model_dir)
+        shutil.rmtree(self.staging, ignore_errors=True)
+
+    def _discard(self, st: AgentState, reason: str) -> None:
+        """Undo an install that loaded nothing: staging and the unfinished version folder go; FAILED."""
+        shutil.rmtree(self.staging, ignore_errors=True)
+        if st.candidate is not None and st.candidate not in st.committed:
+            shutil.rmtree(self.model_dir / f"{STAGING_PREFIX}{st.candidate}", ignore_errors=True)
+            self._remove_version(st.candidate)
+        st.note("install_failed", bundle=st.bundle, reason=reason)
+        self._transition(st, State.FAILED, reason=reason)
+
+    def _commit(self, st: AgentState, started: float | None = None) -> None:
+        prev, version = st.previous, st.candidate
+        if version not in self.control.ready_versions():  # Triton restarted since the gate
+            self.control.load_detector([v for v in (prev, version) if (self.model_dir / str(v)).is_dir()])
+        pin_start = time.monotonic()
+        self.control.pin_ensemble(version)  # traffic moves here, in one ensemble reload
+        pin_s = time.monotonic() - pin_start
+        self.control.load_detector([version])
+        if st.signed:
+            self.trust.remember(st.signed)
+        committed = [v for v in st.committed if v != version] + [version]
+        st.note("committed", version=version, previous=prev, pin_s=round(pin_s, 3),
+                swap_s=None if started is None else round(time.monotonic() - started, 3))
+        self._transition(st, State.PROBATION, committed=committed[-self.keep_versions:])
+
+    def _probation(self, st: AgentState) -> None:
+        def abort() -> str | None:
+            if self._abort:
+                reason, self._abort, self._abort_taken = self._abort, None, True
+                return f"rollback requested: {reason}"
+            return None
+
+        report = probation(self.control, st.candidate, st.baseline, self.thresholds, self.probation_s,
+                           self.probation_poll_s, abort)
+        report.pop("thresholds", None)
+        st.note("probation_passed", **report)
+        self._transition(st, State.DONE, reason=None)
+        for version in self.disk_versions():  # garbage: anything not among the last keep_versions good ones
+            if version not in st.committed:
+                self._remove_version(version)
+        self._clean_leftovers(st)
+
+    # --- rollback ---------------------------------------------------------------------------------------
+
+    def rollback(self, reason: str) -> dict[str, Any]:
+        """Stop an install in flight (it rolls back at its next step), or roll the serving version back to
+        the previous committed one; its folder is removed and its bundle recorded as bad."""
+        if self._busy and self._busy.startswith(("install", "recover")):
+            self._abort = reason
+        with self._exclusive(f"rollback ({reason})", wait_s=900):
+            if self._abort_taken:
+                self._abort_taken = False
+                return self.status()
+            self._abort = None
+            st = self._load()
+            if st.state not in TERMINAL:
+                raise StateError(f"an install was interrupted in {st.state.value}: run recover() first")
+            if len(st.committed) < 2:
+                raise StateError(f"v{st.current} is the only committed version: nothing to roll back to")
+            bad, target = st.committed[-1], st.committed[-2]
+            if not (st.candidate == bad and st.state == State.DONE):
+                st.signed, st.bundle, st.model_version, st.metadata_version = None, None, None, None
+            st.candidate, st.previous = bad, target
+            self._rollback(st, f"manual rollback: {reason}")
+            return self.status()
+
+    def _rollback(self, st: AgentState, reason: str) -> None:
+        self._log(event="rollback", candidate=st.candidate, previous=st.previous, reason=reason)
+        self._transition(st, State.ROLLING_BACK, reason=reason)
+        self._finish_rollback(st)
+
+    def _finish_rollback(self, st: AgentState) -> None:
+        prev, bad = st.previous, st.candidate
+        if not (self.model_dir / str(prev)).is_dir():
+            raise StateError(f"cannot roll back: the folder of v{prev} is gone")
+        if prev not in self.control.ready_versions():  # the ensemble may be on `bad`: load prev beside it first
+            keep_bad = bad is not None and self.control.pinned_version() == bad
+            try:
+                self.control.load_detector([prev, bad] if keep_bad else [prev])
+            except Exception:
+                if not keep_bad:
+                    raise
+                self.control.load_detector([prev])
+        self.control.pin_ensemble(prev)
+        self.control.load_detector([prev])
+        if bad is not None and bad != prev:
+            self._remove_version(bad)
+        if st.signed:
+            st.bad_bundles[metadata_sha256(st.signed)] = st.reason or "rolled back"
+        committed = [v for v in st.committed if v != bad]
+        st.note("rolled_back", bad_version=bad, restored=prev, bundle=st.bundle, model_version=st.model_version,
+                reason=st.reason, bad=True)
+        self._transition(st, State.FAILED, committed=committed if prev in committed else committed + [prev])
+
+    # --- recovery ---------------------------------------------------------------------------------------
+
+    def recover(self) -> dict[str, Any]:
+        """Finish or undo what the persisted state says was in flight (sidecar.state.RECOVERY), then make
+        Triton serve exactly the committed version. Run at start, and after Triton restarts."""
+        with self._exclusive("recover"):
+            self._abort_taken = False
+            st = self._load()
+            found = st.state
+            action = recovery_action(found)
+            self._log(event="recover", state=found.value, action=RECOVERY[found])
+            st.note("recover", found=found.value, action=action)
+            getattr(self, f"_recover_{action}")(st, found)
+            return self.status()
+
+    def _recover_restore(self, st: AgentState, found: State) -> None:
+        self._clean_leftovers(st)
+        self.control.restore(st.current)
+        self.store.save(st)
+
+    def _recover_discard(self, st: AgentState, found: State) -> None:
+        shutil.rmtree(self.staging, ignore_errors=True)
+        self._transition(st, State.IDLE, reason=f"install interrupted in {found.value} (agent restarted); discarded")
+        self._recover_restore(st, found)
+
+    def _recover_unstage(self, st: AgentState, found: State) -> None:
+        shutil.rmtree(self.model_dir / f"{STAGING_PREFIX}{st.candidate}", ignore_errors=True)
+        if st.candidate not in st.committed:
+            self._remove_version(st.candidate)
+        self._transition(st, State.IDLE, reason=f"install interrupted in {found.value} (agent restarted); unstaged")
+        self._recover_restore(st, found)
+
+    def _recover_rollback(self, st: AgentState, found: State) -> None:
+        self._rollback(st, f"agent restarted during {found.value}: v{st.candidate} was never verified")
+
+    def _recover_finish_commit(self, st: AgentState, found: State) -> None:
+        try:
+            self._commit(st)
+            self._probation(st)
+        except Exception as exc:
+            self._rollback(st, f"{type(exc).__name__}: {exc}")
+
+    def _recover_restart_probation(self, st: AgentState, found: State) -> None:
+        try:
+            if self.control.pinned_version() != st.candidate or self.control.ready_versions() != [st.candidate]:
+                self.control.restore(st.candidate)
+            if st.signed:
+                self.trust.remember(st.signed)
+            self._probation(st)
+        except Exception as exc:
+            self._rollback(st, f"{type(exc).__name__}: {exc}")
+
+    def _recover_finish_rollback(self, st: AgentState, found: State) -> None:
+        self._finish_rollback(st)

@@ -1,0 +1,112 @@
+"""The sidecar daemon's command line: `python -m sidecar ...`, and `add_parser` for an `edgestack sidecar` command.
+
+The daemon recovers first (sidecar.state.RECOVERY), then serves the local API (sidecar.api) and, every
+--watch-s seconds while idle, checks that Triton runs exactly the committed version (it does not after a
+Triton restart: explicit mode starts empty) and recovers again when it does not.
+"""
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from sidecar.state import TERMINAL, now_iso
+
+
+def add_options(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--repository", required=True, help="the Triton model repository the sidecar updates")
+    parser.add_argument("--triton-http", required=True, metavar="HOST:PORT",
+                        help="Triton's HTTP endpoint (Triton runs with --model-control-mode=explicit)")
+    parser.add_argument("--state-dir", required=True, help="the agent's state, staging and downloads folder")
+    parser.add_argument("--trust-dir", required=True, help="the TrustStore folder (root.json already initialized)")
+    parser.add_argument("--port", type=int, default=8010, help="port of the API on 127.0.0.1 (default 8010)")
+    parser.add_argument("--detector-model", default="detect_detector")
+    parser.add_argument("--ensemble-model", default="detect")
+    parser.add_argument("--keep-versions", type=int, default=3, metavar="K", help="good versions kept on disk (>= 2)")
+    parser.add_argument("--min-free-bytes", type=int, default=64 << 20, help="disk that must stay free after staging")
+    parser.add_argument("--probation-s", type=float, default=60.0, help="probation window after a commit")
+    parser.add_argument("--stage", choices=["canary", "ga"], default="canary", help="rollout stage (thresholds)")
+    parser.add_argument("--watch-s", type=float, default=10.0,
+                        help="check Triton against the committed version every S seconds (0: never)")
+    return parser
+
+
+def _log(**fields: object) -> None:
+    sys.stderr.write(json.dumps({"ts": now_iso(), "component": "sidecar", **fields}, default=str) + "\n")
+    sys.stderr.flush()
+
+
+def _keep_in_line(agent, stop: threading.Event, watch_s: float) -> None:
+    """Recover at start; then, while idle, recover whenever Triton does not serve the committed version."""
+    from sidecar.errors import SidecarError
+
+    first = True
+    while first or (watch_s > 0 and not stop.wait(watch_s)):
+        try:
+            st = agent.store.load()
+            stale = first or st is None or st.state not in TERMINAL or (
+                agent.control.is_live() and (agent.control.pinned_version() != st.current
+                                             or agent.control.ready_versions() != [st.current]))
+            if stale and not agent.status()["busy"]:
+                agent.recover()
+        except SidecarError as exc:
+            _log(event="recover_failed", error=f"{type(exc).__name__}: {exc}")
+        except Exception as exc:  # noqa: BLE001 - the daemon keeps serving its API
+            _log(event="recover_failed", error=f"{type(exc).__name__}: {exc}")
+        finally:
+            agent.control.close()
+        first = False
+
+
+def run(args: argparse.Namespace) -> int:
+    from sidecar.agent import Agent
+    from sidecar.api import SidecarAPI
+    from sidecar.errors import SidecarError
+    from sidecar.trust import TrustStore
+
+    try:
+        Path(args.state_dir).mkdir(parents=True, exist_ok=True)
+        lock = open(Path(args.state_dir) / "daemon.lock", "a")  # noqa: SIM115 - held while the daemon runs
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SidecarError(f"another sidecar daemon owns {args.state_dir}") from None
+        trust = TrustStore(Path(args.trust_dir))
+        if not trust.initialized:
+            raise SidecarError(f"trust store {args.trust_dir} has no root.json: initialize it first")
+        agent = Agent(Path(args.repository), args.triton_http, Path(args.state_dir), trust,
+                      detector_model=args.detector_model, ensemble_model=args.ensemble_model,
+                      keep_versions=args.keep_versions, min_free_bytes=args.min_free_bytes,
+                      probation_s=args.probation_s, stage=args.stage)
+        api = SidecarAPI(agent, args.port)
+    except (SidecarError, OSError, ValueError) as exc:
+        print(f"sidecar: error: {exc}", file=sys.stderr)
+        return 2
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        stop.set()
+        threading.Thread(target=api.shutdown, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    _log(event="listening", url=f"http://127.0.0.1:{api.port}", repository=args.repository, triton=args.triton_http)
+    threading.Thread(target=_keep_in_line, args=(agent, stop, args.watch_s), name="sidecar-watch", daemon=True).start()
+    api.serve_forever()
+    _log(event="stopped")
+    return 0
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Register `sidecar` (the daemon, same options as `python -m sidecar`) on an argparse subparsers object."""
+    parser = subparsers.add_parser(
+        "sidecar", help="run the update agent: signed detector bundles installed, gated, swapped, rolled back",
+        description="The sidecar daemon: recovers any interrupted install, then serves a JSON API on 127.0.0.1 "
+                    "(GET /status /versions /history, POST /install /rollback).")
+    add_options(parser)
+    parser.set_defaults(func=run)
+    return parser

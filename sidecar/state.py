@@ -1,0 +1,147 @@
+"""The update agent's persisted state machine.
+
+    IDLE -> [DOWNLOADING] -> VERIFYING -> STAGING -> LOADING -> HEALTH_GATE -> COMMITTING -> PROBATION -> DONE
+                                 |           |         |            |                            |
+                                 +-----------+--> FAILED            +---- ROLLING_BACK <---------+--> FAILED
+                                 (nothing loaded yet: discard)      (a version was loaded: roll back)
+
+The agent persists the NEW state before the side effect that state names (StateStore.save is atomic:
+tmp file, fsync, rename, fsync of the folder), so after a crash the file names the step that may be
+half done, and RECOVERY says what recover() does about it when the agent starts again.
+IDLE, DONE and FAILED are terminal: nothing is in flight and Triton should serve committed[-1].
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from sidecar.errors import StateError
+from sidecar.trust import atomic_write
+
+STATE_FORMAT = 1
+MAX_HISTORY = 500
+
+
+class State(str, Enum):
+    IDLE = "IDLE"
+    DOWNLOADING = "DOWNLOADING"
+    VERIFYING = "VERIFYING"
+    STAGING = "STAGING"
+    LOADING = "LOADING"
+    HEALTH_GATE = "HEALTH_GATE"
+    COMMITTING = "COMMITTING"
+    PROBATION = "PROBATION"
+    DONE = "DONE"
+    ROLLING_BACK = "ROLLING_BACK"
+    FAILED = "FAILED"
+
+
+TERMINAL = frozenset({State.IDLE, State.DONE, State.FAILED})
+
+# What recover() does when the agent starts and finds each state. The word before the colon is the action
+# the agent runs (Agent._recover_<action>); every action ends by restoring the committed version in Triton.
+RECOVERY: dict[State, str] = {
+    State.IDLE: "restore: load the committed version, pin the ensemble to it; remove uncommitted leftovers",
+    State.DONE: "restore: load the committed version, pin the ensemble to it; remove uncommitted leftovers",
+    State.FAILED: "restore: load the committed version, pin the ensemble to it; remove uncommitted leftovers",
+    State.DOWNLOADING: "discard: remove the staging folder (a .part download is kept to resume), back to IDLE",
+    State.VERIFYING: "discard: remove the staging folder (nothing was trusted or staged), back to IDLE",
+    State.STAGING: "unstage: remove the half-staged version folder (never a committed one), back to IDLE",
+    State.LOADING: "rollback: the candidate may be half loaded and is unverified: pin the ensemble to the previous "
+                   "version, load only that, remove the candidate folder, FAILED",
+    State.HEALTH_GATE: "rollback: the gate did not pass: pin previous, load only previous, remove the candidate, FAILED",
+    State.COMMITTING: "finish_commit: the gate passed: pin the ensemble to the candidate, load only it, record it "
+                      "as committed and trusted, then probation",
+    State.PROBATION: "restart_probation: the candidate is committed: run a whole probation window again, then DONE "
+                     "(or roll back)",
+    State.ROLLING_BACK: "finish_rollback: pin previous, load only previous, remove the candidate, FAILED",
+}
+
+
+def recovery_action(state: State) -> str:
+    return RECOVERY[state].split(":", 1)[0]
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@dataclass
+class AgentState:
+    state: State = State.IDLE
+    bundle: str | None = None  # path or URL of the bundle being (or last) installed
+    candidate: int | None = None  # version folder N of the install in flight (or the last one)
+    previous: int | None = None  # committed version when that install started (the rollback target)
+    committed: list[int] = field(default_factory=list)  # last K good versions, oldest first; [-1] serves
+    reason: str | None = None  # why the last install or rollback failed
+    model_version: str | None = None  # candidate's semantic version (from its signed metadata)
+    metadata_version: int | None = None
+    signed: dict[str, Any] | None = None  # candidate's verified metadata: to finish a commit after a crash
+    baseline: dict[str, Any] | None = None  # previous version's statistics, for probation
+    bad_bundles: dict[str, str] = field(default_factory=dict)  # metadata sha256 -> why it was rolled back
+    history: list[dict[str, Any]] = field(default_factory=list)
+    updated_at: str | None = None
+
+    @property
+    def current(self) -> int | None:
+        return self.committed[-1] if self.committed else None
+
+    def note(self, event: str, **details: Any) -> dict[str, Any]:
+        entry = {"time": now_iso(), "event": event, "state": self.state.value,
+                 **{k: v for k, v in details.items() if v is not None}}
+        self.history.append(entry)
+        del self.history[:-MAX_HISTORY]
+        return entry
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["state"] = self.state.value
+        return {"format": STATE_FORMAT, **data}
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "AgentState":
+        if not isinstance(data, dict) or data.get("format") != STATE_FORMAT:
+            raise StateError(f"not an agent state (format {STATE_FORMAT})")
+        names = {f.name for f in dataclasses.fields(cls)}
+        try:
+            values = {k: v for k, v in data.items() if k in names}
+            values["state"] = State(values.get("state", "IDLE"))
+            state = cls(**values)
+        except (TypeError, ValueError) as exc:
+            raise StateError(f"agent state is inconsistent: {exc}") from exc
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in state.committed):
+            raise StateError(f"committed versions must be positive integers, not {state.committed!r}")
+        if state.state not in TERMINAL and state.previous is None:
+            raise StateError(f"state {state.state.value} without the previous version to fall back to")
+        if state.state not in TERMINAL | {State.DOWNLOADING, State.VERIFYING} and state.candidate is None:
+            raise StateError(f"state {state.state.value} without a candidate version")
+        return state
+
+
+class StateStore:
+    """One JSON file, replaced atomically on every save (old or new content, never half)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def load(self) -> AgentState | None:
+        try:
+            raw = self.path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise StateError(f"{self.path}: unreadable ({exc})") from exc
+        try:
+            return AgentState.from_dict(json.loads(raw))
+        except ValueError as exc:
+            raise StateError(f"{self.path}: not JSON ({exc})") from exc
+
+    def save(self, state: AgentState) -> None:
+        state.updated_at = now_iso()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(self.path, json.dumps(state.to_dict(), indent=1, sort_keys=True).encode() + b"\n")

@@ -1,0 +1,269 @@
+"""Crash safety: the sidecar daemon is SIGKILLed right after it persisted each state of an install, then
+started again; recover() must leave the device serving the old or the new version (never nothing, never an
+unverified one), a consistent persisted state, and no half-staged folder.
+
+One tritonserver (explicit mode) for the whole table, reset to v1 between rows. The daemon runs as
+`python -m sidecar` with SIDECAR_TEST_PAUSE_AT=<STATE>: it creates <state_dir>/paused-<STATE> and sleeps.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from edgestack.server import TritonServer, free_port
+from sidecar.state import TERMINAL, State, StateStore
+from sidecar.triton_control import TritonControl
+from sidecar.trust import TrustStore
+from tests.conftest import ROOT
+from tests.integration.conftest import assert_stopped, render
+from tests.integration.test_sidecar_swap import (DETECTOR, Keys, detect_dog, expected_outputs, leftovers,
+                                                 make_bundle, make_variant, reset_to_v1, DOG)
+
+pytestmark = pytest.mark.integration
+
+START_TIMEOUT_S = 60
+SETTLE_TIMEOUT_S = 120
+
+# state the daemon is killed in -> the version the device must serve after recovery
+TABLE = [
+    ("VERIFYING", 1),  # discard: nothing was trusted or staged
+    ("STAGING", 1),  # unstage: the half-staged folder goes
+    ("LOADING", 1),  # rollback: v2 may be half loaded and was never verified
+    ("HEALTH_GATE", 1),  # rollback: v2 is loaded beside v1 but did not pass the gate
+    ("COMMITTING", 2),  # finish the commit: the gate had passed
+    ("PROBATION", 2),  # restart probation on the committed v2
+]
+
+
+@dataclass
+class CrashEnv:
+    tmp: Path
+    repository: Path
+    server: TritonServer
+    control: TritonControl
+    keys: Keys
+    bundle: Path
+
+
+@pytest.fixture(scope="module")
+def crash_env(tmp_path_factory) -> Iterator[CrashEnv]:
+    tmp = tmp_path_factory.mktemp("sidecar-crash")
+    repository = render(tmp)
+    server = TritonServer(repository, explicit_models=[], log_path=tmp / "tritonserver.log")
+    with server:
+        control = TritonControl(server.http_url, repository)
+        control.restore(1)
+        keys = Keys()
+        variant = make_variant(repository / DETECTOR / "1", tmp / "v2", "same")
+        bundle = make_bundle(variant, tmp / "v2.bundle", keys, expected_outputs(server, [DOG]))
+        yield CrashEnv(tmp, repository, server, control, keys, bundle)
+        control.close()
+        pid = server.pid
+    assert_stopped(pid)
+
+
+class Daemon:
+    def __init__(self, env: CrashEnv, row: Path, pause_at: str | None, *options: str):
+        self.port = free_port()
+        environ = {k: v for k, v in os.environ.items() if k != "SIDECAR_TEST_PAUSE_AT"}
+        if pause_at:
+            environ["SIDECAR_TEST_PAUSE_AT"] = pause_at
+        self.log = open(row / f"daemon-{pause_at or 'recover'}.log", "wb")  # noqa: SIM115
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "sidecar", "--repository", str(env.repository), "--triton-http",
+             env.server.http_url, "--state-dir", str(row / "state"), "--trust-dir", str(row / "trust"),
+             "--port", str(self.port), "--probation-s", "1", "--watch-s", "0", *options],
+            cwd=ROOT, env=environ, stdout=self.log, stderr=subprocess.STDOUT)
+
+    def request(self, method: str, path: str, body: dict | None = None) -> tuple[int, object]:
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", data=data, method=method,
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read())
+
+    def wait_settled(self, timeout_s: float) -> dict:
+        """The API answers, nothing runs, and the state is terminal."""
+        deadline = time.monotonic() + timeout_s
+        last: object = None
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, f"daemon exited with {self.process.returncode}: see {self.log.name}"
+            try:
+                _, last = self.request("GET", "/status")
+                if not last["busy"] and State(last["state"]) in TERMINAL:
+                    return last
+            except (urllib.error.URLError, ConnectionError):
+                pass
+            time.sleep(0.2)
+        raise AssertionError(f"the daemon did not settle in {timeout_s}s; last status {last}; see {self.log.name}")
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGKILL)
+        self.process.wait(timeout=30)
+        self.log.close()
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        code = self.process.wait(timeout=30)
+        self.log.close()
+        return code
+
+
+def _wait_for(path: Path, daemon: Daemon, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not path.exists():
+        assert daemon.process.poll() is None, f"daemon exited before {path.name}: see {daemon.log.name}"
+        assert time.monotonic() < deadline, f"no {path.name} within {timeout_s}s: see {daemon.log.name}"
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize("pause_at, serves", TABLE, ids=[row[0] for row in TABLE])
+def test_sigkill_in_each_state_recovers_to_a_served_verified_version(crash_env, tmp_path, pause_at, serves):
+    env, control = crash_env, crash_env.control
+    reset_to_v1(env.repository, control)
+    env.keys.trust_store(tmp_path / "trust")
+    model_dir = env.repository / DETECTOR
+
+    daemon = Daemon(env, tmp_path, pause_at)
+    try:
+        daemon.wait_settled(START_TIMEOUT_S)
+        assert daemon.request("POST", "/install", {"bundle": str(env.bundle)})[0] == 202
+        _wait_for(tmp_path / "state" / f"paused-{pause_at}", daemon, SETTLE_TIMEOUT_S)
+        if pause_at == "STAGING":  # killed mid-copy: a partial temp folder and a partial numbered folder
+            (model_dir / ".staging-2" / "backends").mkdir(parents=True)
+            (model_dir / "2").mkdir()
+            (model_dir / "2" / "model.py").write_text("# half written")
+    finally:
+        daemon.kill()
+    assert StateStore(tmp_path / "state" / "state.json").load().state == State(pause_at)
+    assert "dog" in detect_dog(env.server.grpc_url), "the device stopped serving while the agent was down"
+
+    daemon = Daemon(env, tmp_path, None)  # recover() runs at start
+    try:
+        status = daemon.wait_settled(SETTLE_TIMEOUT_S)
+        code, versions = daemon.request("GET", "/versions")
+        _, history = daemon.request("GET", "/history")
+    finally:
+        assert daemon.stop() == 0
+
+    # the persisted state: terminal, committed version on disk, nothing half done
+    state = StateStore(tmp_path / "state" / "state.json").load()
+    assert state.state in TERMINAL and state.current == serves, status
+    assert status["current"] == serves and code == 200 and versions["current"] == serves
+    assert versions["serving"] == serves and versions["loaded"] == [serves], versions
+    assert (model_dir / str(serves)).is_dir()
+    on_disk = sorted(int(p.name) for p in model_dir.iterdir() if p.name.isdigit())
+    assert set(on_disk) <= set(state.committed) and on_disk == ([1] if serves == 1 else [1, 2]), on_disk
+    assert leftovers(env.repository) == [] and not (tmp_path / "state" / "staging").exists()
+    recovered = [e for e in history if e["event"] == "recover"]
+    assert recovered and recovered[-1]["found"] == pause_at, history[-5:]
+
+    # the device: the ensemble answers, pinned to that version, which is the one loaded and counting
+    assert control.pinned_version() == serves and control.ready_versions() == [serves]
+    before = control.statistics(serves).success_count
+    assert "dog" in detect_dog(env.server.http_url, "http")
+    assert control.statistics(serves).success_count == before + 1
+    trusted = TrustStore(tmp_path / "trust").trusted_version(DETECTOR)
+    if serves == 2:
+        assert state.state == State.DONE and state.committed == [1, 2] and trusted == 2
+    else:
+        assert state.committed == [1] and trusted is None, "an unverified version raised the trust floor"
+        if pause_at in ("LOADING", "HEALTH_GATE"):
+            rolled = [e for e in history if e["event"] == "rolled_back"]
+            assert state.state == State.FAILED and rolled and "agent restarted" in rolled[-1]["reason"]
+        else:
+            assert state.state == State.IDLE and "interrupted" in state.reason
+
+
+def test_recovery_table_covers_every_state():
+    from sidecar.agent import Agent
+    from sidecar.state import RECOVERY, recovery_action
+
+    assert set(RECOVERY) == set(State)
+    for state in State:
+        assert callable(getattr(Agent, f"_recover_{recovery_action(state)}")), state
+
+
+# --- the daemon's API: install from a URL, garbage collection, Triton restart, manual rollback -------------
+
+class _Quiet(SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+        pass
+
+
+def _wait_until(check, timeout_s: float, what: str):
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = check()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"{what} did not happen within {timeout_s}s"
+        time.sleep(0.25)
+
+
+def test_daemon_api_url_install_gc_triton_restart_and_manual_rollback(crash_env, tmp_path):
+    """Last in this module: it leaves the device on v2 (v1 garbage-collected)."""
+    env, control = crash_env, crash_env.control
+    reset_to_v1(env.repository, control)
+    env.keys.trust_store(tmp_path / "trust")
+    model_dir = env.repository / DETECTOR
+    v3 = make_bundle(env.tmp / "v2", tmp_path / "v3.bundle", env.keys, expected_outputs(env.server, [DOG]), 3)
+    files = ThreadingHTTPServer(("127.0.0.1", 0), partial(_Quiet, directory=str(env.tmp)))
+    threading.Thread(target=files.serve_forever, daemon=True).start()
+    daemon = Daemon(env, tmp_path, None, "--keep-versions", "2", "--watch-s", "1")
+    try:
+        daemon.wait_settled(START_TIMEOUT_S)
+        assert daemon.request("POST", "/install", {})[0] == 400
+        assert daemon.request("GET", "/nothing")[0] == 404
+        digest = hashlib.sha256(env.bundle.read_bytes()).hexdigest()
+        url = f"http://127.0.0.1:{files.server_address[1]}/{env.bundle.name}"
+        code, status = daemon.request("POST", "/install", {"url": url, "sha256": digest,
+                                                            "size": env.bundle.stat().st_size, "wait": True})
+        assert code == 200 and status["state"] == "DONE" and status["committed"] == [1, 2], status
+        _, history = daemon.request("GET", "/history")
+        assert "DOWNLOADING" in [e["state"] for e in history]
+        code, status = daemon.request("POST", "/install", {"bundle": str(v3), "wait": True})
+        assert code == 200 and status["committed"] == [2, 3], status
+        assert sorted(p.name for p in model_dir.iterdir() if p.name.isdigit()) == ["2", "3"], "v1 not collected"
+
+        control.close()
+        env.server.stop()
+        env.server.start()  # explicit mode, empty: the daemon's watch restores v3
+        versions = _wait_until(lambda: (lambda v: v if v["serving"] == 3 and v["loaded"] == [3] else None)(
+            daemon.request("GET", "/versions")[1]), 60, "restore after the Triton restart")
+        assert versions["current"] == 3 and versions["kept"] == [2, 3]
+        assert "dog" in detect_dog(env.server.grpc_url)
+
+        code, status = daemon.request("POST", "/rollback", {"reason": "operator saw false alarms"})
+        assert code == 200 and status["state"] == "FAILED" and status["current"] == 2, status
+        assert control.pinned_version() == 2 and control.ready_versions() == [2]
+        assert sorted(p.name for p in model_dir.iterdir() if p.name.isdigit()) == ["2"]
+        _, history = daemon.request("GET", "/history")
+        rolled = [e for e in history if e["event"] == "rolled_back"][-1]
+        assert rolled["bad"] and rolled["bad_version"] == 3 and "operator saw false alarms" in rolled["reason"]
+        assert daemon.request("POST", "/rollback", {"reason": "again"})[0] == 409  # nothing older is kept
+        assert "dog" in detect_dog(env.server.http_url, "http")
+    finally:
+        files.shutdown()
+        files.server_close()
+        assert daemon.stop() == 0

@@ -1,0 +1,321 @@
+"""The sidecar's update agent against a real tritonserver in explicit model-control mode, with real files.
+
+One server for the module (explicit mode, started empty and restored to v1); each test starts from v1
+only, with a fresh trust store and agent state. Bundles are signed with sidecar.trust keys from copies of
+the rendered detector folder: the same model (a good v2), an ONNX graph with its boxes shifted (wrong
+outputs), a model.py that sleeps (too slow) and one that raises in initialize (crashes on load).
+"""
+from __future__ import annotations
+
+import base64
+import shutil
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from edgestack.client import DetectionClient
+from edgestack.server import TritonServer
+from sidecar.agent import Agent
+from sidecar.bundle import create_bundle
+from sidecar.bundle_types import ExpectedOutput
+from sidecar.errors import DiskSpaceError, HealthGateError, TritonControlError
+from sidecar.state import StateStore
+from sidecar.triton_control import TritonControl
+from sidecar.trust import TrustStore, format_time, generate_key, make_root, sign
+from tests.conftest import IMAGES
+from tests.integration.conftest import assert_stopped, render
+
+pytestmark = pytest.mark.integration
+
+DETECTOR = "detect_detector"
+DOG = IMAGES / "dog.jpg"
+EXPIRES = format_time(datetime.now(timezone.utc) + timedelta(days=30))
+VARIANTS = ("same", "wrong", "slow", "crash")
+
+
+# --- helpers shared with test_sidecar_crash.py ------------------------------------------------------------
+
+@dataclass
+class Keys:
+    root: list = field(default_factory=lambda: [generate_key()])
+    bundle: list = field(default_factory=lambda: [generate_key()])
+
+    def trust_store(self, folder: Path) -> TrustStore:
+        store = TrustStore(folder)
+        store.initialize(sign(make_root(version=1, expires=EXPIRES, root_keys=self.root, root_threshold=1,
+                                        bundle_keys=self.bundle, bundle_threshold=1), self.root))
+        return store
+
+
+def expected_outputs(server: TritonServer, images: list[Path]) -> list[ExpectedOutput]:
+    """What the serving pipeline (v1) detects on each image: the outputs a good new version must reproduce."""
+    out = []
+    with DetectionClient(server.grpc_url, "grpc") as client:
+        for path in images:
+            data = path.read_bytes()
+            result = client.detect(data)
+            assert result.detections, f"v1 detects nothing on {path.name}"
+            out.append(ExpectedOutput(base64.b64encode(data).decode(), [list(d.box) for d in result.detections],
+                                      [d.score for d in result.detections], [d.class_id for d in result.detections]))
+    return out
+
+
+def make_variant(source: Path, dest: Path, kind: str) -> Path:
+    """A copy of a detector version folder: same, wrong (boxes + 40 px), slow (execute sleeps), crash."""
+    shutil.copytree(source, dest, ignore=shutil.ignore_patterns("__pycache__"))
+    model_py = dest / "model.py"
+    if kind == "wrong":
+        import onnx
+        from onnx import helper, numpy_helper
+        import numpy as np
+
+        model = onnx.load(dest / "model.onnx")
+        out = "tower_0/detections"
+        producer = next(n for n in model.graph.node if out in n.output)
+        producer.output[list(producer.output).index(out)] = "unshifted_detections"
+        shift = numpy_helper.from_array(np.array([40, 40, 40, 40, 0, 0], np.float32), "box_shift")
+        model.graph.initializer.append(shift)
+        model.graph.node.append(helper.make_node("Add", ["unshifted_detections", "box_shift"], [out], "shift_boxes"))
+        onnx.checker.check_model(model)
+        onnx.save(model, dest / "model.onnx")
+    elif kind == "slow":
+        text = model_py.read_text().replace("    def execute(self, requests):\n",
+                                            "    def execute(self, requests):\n        __import__('time').sleep(0.6)\n")
+        assert "sleep(0.6)" in text
+        model_py.write_text(text)
+    elif kind == "crash":
+        text = model_py.read_text().replace("    def initialize(self, args):\n",
+                                            "    def initialize(self, args):\n        raise RuntimeError('crashes on load')\n")
+        assert "crashes on load" in text
+        model_py.write_text(text)
+    return dest
+
+
+def make_bundle(folder: Path, out: Path, keys: Keys, expected: list[ExpectedOutput], metadata_version: int = 2) -> Path:
+    return create_bundle(folder, out, model_name=DETECTOR, model_version=f"1.{metadata_version}.0", target="cpu",
+                         metadata_version=metadata_version, keys=keys.bundle, expires=EXPIRES,
+                         expected_outputs=expected)
+
+
+def reset_to_v1(repository: Path, control: TritonControl) -> None:
+    """Serve v1 only, and only v1's folder on disk."""
+    control.restore(1)
+    for path in (repository / DETECTOR).iterdir():
+        if path.is_dir() and path.name != "1":
+            shutil.rmtree(path)
+
+
+def leftovers(repository: Path) -> list[str]:
+    return sorted(p.name for p in (repository / DETECTOR).iterdir() if p.name.startswith("."))
+
+
+def detect_dog(url: str, protocol: str = "grpc") -> list[str]:
+    with DetectionClient(url, protocol) as client:
+        return client.detect(DOG.read_bytes()).class_names
+
+
+# --- fixtures ---------------------------------------------------------------------------------------------
+
+@dataclass
+class SwapEnv:
+    tmp: Path
+    repository: Path
+    server: TritonServer
+    control: TritonControl
+    keys: Keys
+    bundles: dict[str, Path]
+
+
+@pytest.fixture(scope="module")
+def swap_env(tmp_path_factory) -> Iterator[SwapEnv]:
+    tmp = tmp_path_factory.mktemp("sidecar-swap")
+    repository = render(tmp)
+    server = TritonServer(repository, explicit_models=[], log_path=tmp / "tritonserver.log")
+    with server:
+        control = TritonControl(server.http_url, repository)
+        control.restore(1)
+        expected = expected_outputs(server, [DOG])
+        keys = Keys()
+        bundles = {kind: make_bundle(make_variant(repository / DETECTOR / "1", tmp / "variants" / kind, kind),
+                                     tmp / f"{kind}.bundle", keys, expected, n + 2)
+                   for n, kind in enumerate(VARIANTS)}
+        yield SwapEnv(tmp, repository, server, control, keys, bundles)
+        control.close()  # an open HTTP connection holds tritonserver's exit for its whole exit timeout
+        pid = server.pid
+    assert_stopped(pid)
+
+
+@pytest.fixture
+def make_agent(swap_env, tmp_path):
+    reset_to_v1(swap_env.repository, swap_env.control)
+
+    agents: list[Agent] = []
+
+    def factory(**options) -> Agent:
+        trust = swap_env.keys.trust_store(tmp_path / "trust")
+        options = {"probation_s": 1.0, "probation_poll_s": 0.25, **options}
+        agents.append(Agent(swap_env.repository, swap_env.server.http_url, tmp_path / "state", trust, **options))
+        return agents[-1]
+
+    yield factory
+    for agent in agents:
+        agent.control.close()
+
+
+# --- the swap under load ----------------------------------------------------------------------------------
+
+class Load:
+    """Client threads (gRPC and HTTP) sending dog.jpg through `detect` until stopped."""
+
+    def __init__(self, server: TritonServer, protocols=("grpc", "http", "grpc", "http")):
+        self.server, self.stop, self.lock = server, threading.Event(), threading.Lock()
+        self.ok, self.failures, self.latencies = 0, [], []
+        self.threads = [threading.Thread(target=self._run, args=(p,), daemon=True) for p in protocols]
+
+    def _run(self, protocol: str) -> None:
+        url = self.server.grpc_url if protocol == "grpc" else self.server.http_url
+        image = DOG.read_bytes()
+        with DetectionClient(url, protocol, timeout_s=120) as client:
+            while not self.stop.is_set():
+                start = time.perf_counter()
+                try:
+                    names = client.detect(image).class_names
+                    assert "dog" in names, names
+                    with self.lock:
+                        self.ok += 1
+                        self.latencies.append(time.perf_counter() - start)
+                except Exception as exc:  # noqa: BLE001 - every failure is counted and reported
+                    with self.lock:
+                        self.failures.append(f"{protocol}: {type(exc).__name__}: {exc}")
+
+    def __enter__(self) -> "Load":
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(timeout=150)
+
+
+def test_good_swap_under_load_fails_no_request(swap_env, make_agent, record_property):
+    agent = make_agent(probation_s=3.0)
+    control = swap_env.control
+    with Load(swap_env.server) as load:
+        time.sleep(2.0)
+        before = load.ok
+        started = time.monotonic()
+        status = agent.install(swap_env.bundles["same"])
+        install_s = time.monotonic() - started
+        during = load.ok - before
+        v2_start = control.statistics(2).success_count
+        time.sleep(2.0)
+    assert load.failures == [], load.failures[:5]
+    assert status["state"] == "DONE" and status["current"] == 2 and status["committed"] == [1, 2]
+    assert control.pinned_version() == 2 and control.ready_versions() == [2]
+    assert control.statistics(2).success_count > v2_start, "traffic did not move to v2"
+    assert (swap_env.repository / DETECTOR / "1").is_dir(), "v1 is kept for rollback"
+    assert leftovers(swap_env.repository) == []
+    committed = next(e for e in agent.history() if e["event"] == "committed")
+    gate = next(e for e in agent.history() if e["event"] == "gate_passed")
+    watched = next(e for e in agent.history() if e["event"] == "probation_passed")
+    baseline = StateStore(agent.store.path).load().baseline
+    ms = lambda ns: None if ns is None else round(ns / 1e6, 1)  # noqa: E731
+    numbers = {"requests_ok": load.ok, "requests_failed": len(load.failures), "requests_during_install": during,
+               "install_s": round(install_s, 2), "swap_s": committed["swap_s"], "pin_s": committed["pin_s"],
+               "max_request_s": round(max(load.latencies), 2), "gate_latency_ms": gate["latency_ms"],
+               "probation_inferences": watched["inference_count"], "probation_fail": watched["fail"],
+               "probation_compute_ms": ms(watched["compute_infer_ns_per_inference"]),
+               "baseline_compute_ms": ms(baseline["compute_infer_ns_per_inference"]), "baseline": baseline["window"]}
+    print(f"\nsidecar swap under load: {numbers}")
+    for key, value in numbers.items():
+        record_property(key, value)
+    assert during > 0 and load.ok > during and watched["inference_count"] > 0, "probation saw no traffic"
+
+
+# --- failures roll back ----------------------------------------------------------------------------------
+
+def _assert_rolled_back(swap_env, agent: Agent, reason_part: str) -> None:
+    status = agent.status()
+    assert status["state"] == "FAILED" and status["current"] == 1 and status["committed"] == [1]
+    assert reason_part in status["reason"], status["reason"]
+    assert swap_env.control.pinned_version() == 1 and swap_env.control.ready_versions() == [1]
+    assert agent.disk_versions() == [1] and leftovers(swap_env.repository) == []
+    assert "dog" in detect_dog(swap_env.server.http_url, "http")
+    rolled = [e for e in agent.history() if e["event"] == "rolled_back"]
+    assert rolled and rolled[-1]["bad"] and rolled[-1]["bad_version"] == 2 and reason_part in rolled[-1]["reason"]
+    assert TrustStore(agent.trust.folder).trusted_version(DETECTOR) is None, "a failed version raised the floor"
+
+
+def test_wrong_outputs_are_rolled_back(swap_env, make_agent):
+    agent = make_agent()
+    with pytest.raises(HealthGateError, match="expected output 0 differs"):
+        agent.install(swap_env.bundles["wrong"])
+    _assert_rolled_back(swap_env, agent, "IoU")
+    with pytest.raises(Exception, match="rolled back before"):  # the bad bundle is remembered
+        agent.install(swap_env.bundles["wrong"])
+    assert swap_env.control.pinned_version() == 1 and agent.disk_versions() == [1]
+
+
+def test_too_slow_is_rolled_back(swap_env, make_agent):
+    agent = make_agent()
+    with pytest.raises(HealthGateError, match="too slow"):
+        agent.install(swap_env.bundles["slow"])
+    _assert_rolled_back(swap_env, agent, "too slow")
+
+
+def test_crash_on_load_is_rolled_back(swap_env, make_agent):
+    agent = make_agent()
+    with pytest.raises(TritonControlError, match="crashes on load"):
+        agent.install(swap_env.bundles["crash"])
+    _assert_rolled_back(swap_env, agent, "crashes on load")
+
+
+def test_disk_full_refuses_before_staging(swap_env, make_agent):
+    free = shutil.disk_usage(swap_env.repository).free
+    agent = make_agent(min_free_bytes=free + (1 << 40))
+    with pytest.raises(DiskSpaceError, match="must stay free"):
+        agent.install(swap_env.bundles["same"])
+    status = agent.status()
+    assert status["state"] == "FAILED" and status["current"] == 1 and "DiskSpaceError" in status["reason"]
+    assert agent.disk_versions() == [1] and leftovers(swap_env.repository) == []
+    assert not agent.staging.exists(), "nothing may be extracted when the disk is full"
+    assert swap_env.control.pinned_version() == 1 and swap_env.control.ready_versions() == [1]
+
+
+# --- Triton restarts ---------------------------------------------------------------------------------------
+
+def test_triton_restart_restores_exactly_the_committed_version(swap_env, make_agent):
+    agent = make_agent()
+    assert agent.install(swap_env.bundles["same"])["current"] == 2
+    server, control = swap_env.server, swap_env.control
+    control.close()
+    agent.control.close()
+    server.stop()
+    server.start()  # explicit mode, no models: nothing is served until the agent restores
+    assert control.pinned_version() is None and control.ready_versions() == []
+    status = agent.recover()
+    assert status["state"] == "DONE" and status["current"] == 2
+    assert control.pinned_version() == 2 and control.ready_versions() == [2]
+    assert "dog" in detect_dog(server.grpc_url)
+    assert control.statistics(2).success_count >= 1
+    assert StateStore(agent.store.path).load().committed == [1, 2]
+
+
+def test_compare_detections_tolerances():
+    from sidecar.health import compare_detections
+
+    expected = ExpectedOutput("", [[10, 10, 110, 110], [200, 200, 240, 240]], [0.9, 0.37], [16, 2])
+    check = dict(iou_min=0.9, score_tolerance=0.05, score_threshold=0.35)
+    assert compare_detections(expected, [[11, 10, 111, 110]], [0.88], [16], **check) is None  # borderline may go
+    assert "IoU" in compare_detections(expected, [[40, 40, 140, 140]], [0.9], [16], **check)
+    assert "score" in compare_detections(expected, [[10, 10, 110, 110]], [0.8], [16], **check)
+    assert "IoU" in compare_detections(expected, [[10, 10, 110, 110]], [0.9], [17], **check)  # class differs
+    assert "unexpected" in compare_detections(expected, [[10, 10, 110, 110], [300, 0, 400, 90]], [0.9, 0.7],
+                                              [16, 0], **check)
