@@ -17,7 +17,7 @@ from backends.preprocess.image_ops import InputSpec
 from builder.errors import SpecError
 
 OUTPUT_FORMATS = ("detections", "yolov8")
-TARGETS = ("cpu", "nvidia-gpu", "jetson")
+TARGETS = ("cpu", "intel", "nvidia-gpu", "jetson")
 
 
 def _require(condition: bool, message: str) -> None:

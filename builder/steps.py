@@ -36,7 +36,11 @@ class PipelineConfigs:
 
 
 def detector_model_filename(target: TargetProfile) -> str:
-    return "model.plan" if target.detector_engine == "tensorrt_plan" else "model.onnx"
+    if target.detector_engine == "tensorrt_plan":
+        return "model.plan"
+    if target.detector_engine == "python_openvino":
+        return "model.xml"  # with model.bin beside it
+    return "model.onnx"
 
 
 def _batching(max_batch_size: int, target: TargetProfile) -> DynamicBatching | None:
@@ -84,7 +88,7 @@ def _detector(spec: PipelineSpec, target: TargetProfile, interface: ModelInterfa
         ),
     )
     name = f"{spec.name}_detector"
-    if target.detector_engine == "python_onnxruntime":
+    if target.python_detector:
         settings = {
             "model_file": detector_model_filename(target),
             "input_name": spec.input_name,
@@ -92,6 +96,10 @@ def _detector(spec: PipelineSpec, target: TargetProfile, interface: ModelInterfa
             "intra_op_threads": target.intra_op_threads,
             "fixed_batch": interface.fixed_batch,
         }
+        if target.detector_engine == "python_openvino":
+            # The OpenVINO runner converts uint8 pixels itself (PrePostProcessor), with the spec's scaling.
+            settings.update(runtime="openvino", device=target.device, uint8_input=fuses_input(spec, target),
+                            input_spec=asdict(spec.input), inference_precision="f32")
         config = _python_model(name, settings, max_batch_size=max_batch_size, target=target, kind="KIND_CPU",
                                count=target.detector_instances, inputs=inputs, outputs=outputs, warmup=warmup)
         if interface.fixed_batch == 1:
@@ -121,7 +129,7 @@ def pipeline_configs(spec: PipelineSpec, target: TargetProfile, interface: Model
     """All five configurations. A native detector whose graph has a fixed batch caps the ensemble's batch."""
     max_batch = target.max_batch_size
     fixed = interface.fixed_batch
-    native_detector = target.detector_engine != "python_onnxruntime"
+    native_detector = not target.python_detector
     detector_max_batch = min(max_batch, fixed) if (native_detector and fixed) else max_batch
     ensemble_max_batch = detector_max_batch
     model_out = interface.outputs[spec.output.name]

@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 
 from builder.errors import TargetError
 
-DETECTOR_ENGINES = ("python_onnxruntime", "onnxruntime_onnx", "tensorrt_plan")
+DETECTOR_ENGINES = ("python_onnxruntime", "python_openvino", "onnxruntime_onnx", "tensorrt_plan")
+PYTHON_DETECTOR_ENGINES = ("python_onnxruntime", "python_openvino")  # the detector is a Python-backend model
 PRECISIONS = ("fp32", "fp16", "int8")
 
 
@@ -30,6 +31,7 @@ class TargetProfile:
     gpus: tuple[int, ...] = ()
     max_workspace_bytes: int = 0
     fuse_input_conversion: bool = False  # preprocess emits uint8, the graph converts (see input_fusion.py)
+    device: str = ""  # OpenVINO device of a python_openvino detector: CPU or AUTO
 
     def __post_init__(self) -> None:
         if self.detector_engine not in DETECTOR_ENGINES:
@@ -45,10 +47,16 @@ class TargetProfile:
             raise TargetError(f"{self.name}: max_batch_size must be >= 1, got {self.max_batch_size}")
         if self.max_queue_delay_us < 0:
             raise TargetError(f"{self.name}: max_queue_delay_us must be >= 0, got {self.max_queue_delay_us}")
+        if self.device and self.detector_engine != "python_openvino":
+            raise TargetError(f"{self.name}: device {self.device!r} only applies to the python_openvino detector")
 
     @property
     def on_gpu(self) -> bool:
         return self.instance_kind == "KIND_GPU"
+
+    @property
+    def python_detector(self) -> bool:
+        return self.detector_engine in PYTHON_DETECTOR_ENGINES
 
 
 @dataclass(frozen=True)
@@ -71,6 +79,28 @@ class CpuTarget(TargetProfile):
 
 
 @dataclass(frozen=True)
+class IntelTarget(TargetProfile):
+    """Intel (or any x86) CPU: the detector is a Python-backend model running an OpenVINO IR
+    (FP32/FP16/INT8 from builder/optimize/openvino_variants.py) with explicit threads. With
+    fuse_input_conversion the compiled model takes uint8 pixels and converts them itself (PrePostProcessor)."""
+
+    name: str = "intel"
+    detector_engine: str = "python_openvino"
+    instance_kind: str = "KIND_CPU"
+    detector_instances: int = 2
+    intra_op_threads: int = 1
+    fuse_input_conversion: bool = True
+    device: str = "CPU"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.detector_engine != "python_openvino" or self.on_gpu:
+            raise TargetError("intel target runs the detector with OpenVINO in the Python backend on KIND_CPU")
+        if self.device not in ("CPU", "AUTO"):
+            raise TargetError(f"intel target: OpenVINO device {self.device!r} is not one of ('CPU', 'AUTO')")
+
+
+@dataclass(frozen=True)
 class NvidiaGpuTarget(TargetProfile):
     """Discrete NVIDIA GPU: native TensorRT plan or ONNX Runtime with the TensorRT accelerator; CuPy preprocessing."""
 
@@ -83,7 +113,7 @@ class NvidiaGpuTarget(TargetProfile):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.detector_engine == "python_onnxruntime":
+        if self.python_detector:
             raise TargetError(f"{self.name}: GPU targets serve the detector natively (onnxruntime_onnx or tensorrt_plan)")
         if not self.on_gpu or not self.gpus:
             raise TargetError(f"{self.name}: GPU targets need KIND_GPU instances and at least one GPU id")
@@ -102,6 +132,7 @@ class JetsonTarget(NvidiaGpuTarget):
 
 TARGET_PROFILES: dict[str, type[TargetProfile]] = {
     "cpu": CpuTarget,
+    "intel": IntelTarget,
     "nvidia-gpu": NvidiaGpuTarget,
     "jetson": JetsonTarget,
 }

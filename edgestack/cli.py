@@ -20,11 +20,14 @@ DEFAULT_PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}
 
 
 def _add_build_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--target", choices=["cpu", "nvidia-gpu", "jetson"], help="accelerator target (default: the spec's)")
+    parser.add_argument("--target", choices=["cpu", "intel", "nvidia-gpu", "jetson"],
+                        help="accelerator target (default: the spec's; intel for an OpenVINO --variant)")
+    parser.add_argument("--variant", metavar="DIR", help="serve this built model variant (a folder with variant.json) "
+                                                        "instead of the spec's model")
     parser.add_argument("--cloud-url", help="host:port of a cloud Triton (gRPC) for low-confidence images")
     parser.add_argument("--max-batch-size", type=int, help="override the target's max batch size")
     parser.add_argument("--detector-instances", type=int, help="override the detector's instance count")
-    parser.add_argument("--intra-op-threads", type=int, help="ONNX Runtime intra-op threads per detector instance (CPU)")
+    parser.add_argument("--intra-op-threads", type=int, help="inference threads per detector instance (CPU: ONNX Runtime intra-op, intel: OpenVINO)")
 
 
 def build_from_args(args: argparse.Namespace) -> Path:
@@ -32,13 +35,20 @@ def build_from_args(args: argparse.Namespace) -> Path:
     from builder.spec import load_spec
 
     spec = load_spec(args.spec)
+    variant = None
+    if getattr(args, "variant", None):
+        from builder.optimize.variants import load_variant
+
+        variant, _ = load_variant(Path(args.variant))
     if args.target:
         spec = spec.replace(target=args.target)
+    elif variant is not None and variant.runtime == "openvino":
+        spec = spec.replace(target="intel")
     if args.cloud_url:
         spec = spec.replace(router=dataclasses.replace(spec.router, cloud_url=args.cloud_url))
     target = target_for(spec, max_batch_size=args.max_batch_size, detector_instances=args.detector_instances,
                         intra_op_threads=args.intra_op_threads)
-    return render_repository(spec, Path(args.out), target)
+    return render_repository(spec, Path(args.out), target, variant=variant)
 
 
 def cmd_build(args: argparse.Namespace) -> int:

@@ -15,7 +15,7 @@ from builder.targets import (
 
 
 def test_known_profiles():
-    assert set(TARGET_PROFILES) == {"cpu", "nvidia-gpu", "jetson"}
+    assert set(TARGET_PROFILES) == {"cpu", "intel", "nvidia-gpu", "jetson"}
     assert issubclass(TargetError, BuilderError)
 
 
