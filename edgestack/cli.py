@@ -151,11 +151,13 @@ def make_parser() -> argparse.ArgumentParser:
     from edgestack import latency_budget, optimize_cli
     from loadtests import run as load
     from sidecar import cli as sidecar_cli
+    from sidecar import daemon_cli
 
     optimize_cli.add_parser(sub)
     latency_budget.add_parser(sub)
     load.add_parser(sub)
     sidecar_cli.add_parser(sub)
+    daemon_cli.add_parser(sub)
     return parser
 
 
