@@ -155,7 +155,7 @@ def optimize(spec: PipelineSpec, settings: OptimizeSettings, log: Callable[[str]
         write_manifest(manifest, variant.path.parent)
         save_variant(variant, manifest)
         rows.append(row)
-        log(f"  {name}: p50 {row['p50_ms']:.1f} ms, mAP@0.5 vs fp32 {row['fidelity']['map50']:.3f}")
+        log(f"  {name}: p50 {row['p50_ms']:.1f} ms, mAP@0.5 vs fp32 {row['map50']:.3f}")
 
     selection = select_variant(rows, latency_budget_ms=settings.latency_budget_ms, accuracy_floor=settings.accuracy_floor)
     context = {"machine": platform.processor() or platform.machine(), "cores": os.cpu_count(), "threads": settings.threads,
