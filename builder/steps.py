@@ -23,7 +23,7 @@ from builder.triton_config import (
     WarmupInput,
 )
 
-CONFIG_PARAMETER = "config"  # each Python model reads its settings from this JSON parameter
+CONFIG_PARAMETER = T.CONFIG_PARAMETER
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,6 @@
-"""Tensor names shared by the builder (which wires the ensemble) and the Python-backend models."""
+"""Names shared by the builder (which wires the ensemble) and the Python-backend models."""
+
+CONFIG_PARAMETER = "config"  # the model-config parameter holding each Python model's JSON settings
 
 IMAGE = "IMAGE"
 PREPROCESSED = "PREPROCESSED"

@@ -8,9 +8,8 @@ from typing import Any, Callable
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from backends.common.tensors import CONFIG_PARAMETER
 from backends.errors import BackendError, CloudUnavailableError
-
-CONFIG_PARAMETER = "config"
 
 
 def model_settings(args: dict) -> dict[str, Any]:
