@@ -27,7 +27,6 @@ import json
 import os
 import platform
 import shlex
-import signal
 import subprocess
 import sys
 import tempfile
@@ -47,7 +46,7 @@ sys.path.insert(0, str(ROOT))
 from builder.repository import render_repository, target_for  # noqa: E402
 from builder.spec import load_spec  # noqa: E402
 from edgestack.client import DetectionClient  # noqa: E402
-from edgestack.server import TritonServer, free_port  # noqa: E402
+from edgestack.server import TritonServer, free_port, stop_process_group  # noqa: E402
 
 THROUGHPUT_TARGET = 0.95  # Triton / peer-tuned images per second, at the highest concurrency
 P99_TARGET = 1.10  # Triton / peer-tuned p99 latency, at the highest concurrency
@@ -128,18 +127,7 @@ class PeerServer:
     def stop(self, timeout_s: float = 15.0) -> None:
         process, self.process = self.process, None
         if process is not None:
-            try:
-                os.killpg(process.pid, signal.SIGTERM)
-                process.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait(timeout=10)
-            except ProcessLookupError:
-                pass
-            try:  # workers left behind share the process group
-                os.killpg(process.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
+            stop_process_group(process, timeout_s)
         if getattr(self, "_log", None) is not None:
             self._log.close()
             self._log = None

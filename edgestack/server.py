@@ -62,6 +62,24 @@ def find_triton() -> TritonInstall:
     return TritonInstall(dist / "bin" / "tritonserver", backends, libs)
 
 
+def stop_process_group(process: subprocess.Popen, timeout_s: float) -> None:
+    """SIGTERM the group a `start_new_session=True` process leads, SIGKILL it if it lingers, then
+    SIGKILL whatever of the group is left (children of a crashed leader share its group)."""
+    if process.poll() is None:
+        try:
+            os.killpg(process.pid, signal.SIGTERM)
+            process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=10)
+        except ProcessLookupError:
+            pass
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
@@ -162,20 +180,8 @@ class TritonServer:
     def stop(self, timeout_s: float = 20.0) -> None:
         """SIGTERM the server's process group (server and stubs), SIGKILL it if it lingers."""
         process, self.process = self.process, None
-        if process is not None and process.poll() is None:
-            try:
-                os.killpg(process.pid, signal.SIGTERM)
-                process.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait(timeout=10)
-            except ProcessLookupError:
-                pass
         if process is not None:
-            try:  # stubs left behind by a crashed server share its process group
-                os.killpg(process.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
+            stop_process_group(process, timeout_s)
         if self._log not in (None, subprocess.DEVNULL):
             self._log.close()
         self._log = None
