@@ -9,7 +9,13 @@ delta is checked to rebuild the new file byte for byte.
 Where a method's Python package (bsdiff4, zstandard) is missing, the zstd methods are measured with the
 zstd command-line tool at the same level instead (marked †): `zstd --patch-from` for zstd-patch-from,
 and sidecar.delta's own onnx-tensor container compressed by the CLI for onnx-tensor. bsdiff4 has no
-stand-in and shows n/a. Not a test: it prints a Markdown table (appended to a file with --out).
+stand-in and shows n/a.
+
+Then whole bundles: for each change, the rendered detector version folder (model.py, backends/, model.onnx)
+as a full signed bundle and as a delta bundle against the base folder (sidecar.bundle.create_bundle with
+base_dir: the bundler picks per file the smallest delta that verifies, or ships it whole); every delta
+bundle is verified and rebuilt on top of the base as a device would (verify_bundle with base_dirs) and
+checked byte for byte. Not a test: it prints Markdown tables (appended to a file with --out).
 """
 from __future__ import annotations
 
@@ -174,6 +180,44 @@ def measure(method: str, base: bytes, new: bytes, tmp: Path, level: int) -> tupl
     return header + len(payload), make_s, apply_s, True
 
 
+def bundle_rows(tmp: Path, cases: dict[str, tuple[bytes, bytes]]) -> list[str]:
+    """Full vs delta bundle of the detector version folder for each change (config edit: same files, new
+    config.pbtxt in the signed metadata)."""
+    from datetime import timedelta, timezone
+
+    from builder.repository import render_repository
+    from builder.spec import load_spec
+    from sidecar.bundle import create_bundle, verify_bundle
+    from sidecar.trust import TrustStore, format_time, generate_key, make_root, sign
+
+    root, key = generate_key(), generate_key()
+    expires = format_time(datetime.datetime.now(timezone.utc) + timedelta(days=1))
+    rendered = render_repository(load_spec(ROOT / "specs" / "centernet_coco.yaml"), tmp / "repo") / "detect_detector" / "1"
+    lines = ["| change | full bundle | delta bundle | share | how model.onnx travels | bundler s | device s |",
+             "|---|--:|--:|--:|---|--:|--:|"]
+    for n, (name, (base, new)) in enumerate(cases.items()):
+        config_only = not base.startswith(b"\x08")  # the config.pbtxt pair is text, not an ONNX protobuf
+        v1, v2 = tmp / f"b{n}" / "v1", tmp / f"b{n}" / "v2"
+        for folder, model in ((v1, MODEL.read_bytes() if config_only else base), (v2, MODEL.read_bytes() if config_only else new)):
+            shutil.copytree(rendered, folder, ignore=shutil.ignore_patterns("__pycache__"))
+            (folder / "model.onnx").write_bytes(model)
+        common = dict(model_name="detect_detector", model_version="1.1.0", target="cpu", metadata_version=n + 1,
+                      keys=[key], expires=expires, config_pbtxt=new.decode() if config_only else None)
+        full = create_bundle(v2, tmp / f"b{n}" / "full.bundle", **common)
+        delta, bundler_s = timed(lambda: create_bundle(v2, tmp / f"b{n}" / "delta.bundle", base_dir=v1,
+                                                       base_model_version="1.0.0", **common))
+        trust = TrustStore(tmp / f"b{n}" / "trust")
+        trust.initialize(sign(make_root(version=1, expires=expires, root_keys=[root], root_threshold=1,
+                                        bundle_keys=[key], bundle_threshold=1), [root]))
+        result, device_s = timed(lambda: verify_bundle(delta, trust, tmp / f"b{n}" / "staging", base_dirs=[v1]))
+        assert all(path.read_bytes() == (v2 / rel).read_bytes() for rel, path in result.files.items())
+        size_full, size_delta = full.stat().st_size, delta.stat().st_size
+        lines.append(f"| {name} | {size_full:,} | {size_delta:,} | {100 * size_delta / size_full:.1f}% | "
+                     f"{result.delivery['model.onnx']} | {bundler_s:.1f} | {device_s:.2f} |")
+        print(f"bundled: {name}", file=sys.stderr)
+    return lines
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--level", type=int, default=D.FULL_LEVEL, help="zstd level for every zstd step")
@@ -185,7 +229,9 @@ def main() -> int:
     rows, notes = [], []
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        for name, (base, new) in build_cases(tmp).items():
+        cases = build_cases(tmp)
+        bundles = bundle_rows(tmp, cases) if have_zstd and D.BSDIFF4 in D.available_methods() else []
+        for name, (base, new) in cases.items():
             if have_zstd:
                 full, full_s = timed(D.full_file_size, new)
             else:
@@ -218,6 +264,10 @@ def main() -> int:
               f"| change | {methods} |", "|---|" + "---|" * len(D.ALL)]
     for name, _, _, _, cells, _ in rows:
         lines.append(f"| {name} | " + " | ".join(c[1] for c in cells) + " |")
+    if bundles:
+        lines += ["", "Whole bundles of the detector version folder (model.py, backends/, model.onnx; uncompressed "
+                  "signed tar), full vs delta against the base version; *bundler s* includes trying every method, "
+                  "*device s* is verify_bundle rebuilding v2 on top of v1 (checked byte for byte):", ""] + bundles
     installed = {"bsdiff4": D.BSDIFF4 in D.available_methods(), "zstandard": have_zstd}
     missing = [m for m, ok in installed.items() if not ok]
     if missing:

@@ -3,7 +3,8 @@
 install(bundle):
   [DOWNLOADING]  a URL is fetched with sidecar.download (resumable, size and sha256 checked)
   VERIFYING      free disk checked (DiskSpaceError: nothing extracted or staged), then verify_bundle into
-                 <state_dir>/staging (signatures, expiry, rollback, every file's hash)
+                 <state_dir>/staging (signatures, expiry, rollback, every file's hash); a delta bundle is
+                 applied only on top of a committed version's file with the stated base sha256
   STAGING        copied to <model>/.staging-N, renamed to <model>/N (N = highest version folder + 1); the
                  serving folder is never touched; the bundle's config.pbtxt is written only if the model has none
   LOADING        the ensemble stays pinned to the previous version P; the detector is loaded with [P, N]
@@ -174,10 +175,11 @@ class Agent:
             while True:
                 time.sleep(3600)
 
-    def _check_disk(self, needed: int) -> None:
-        """needed bytes on the staging and the repository filesystems (twice on one), min_free_bytes left over."""
+    def _check_disk(self, needed: int, folders: tuple[Path, ...] = ()) -> None:
+        """needed bytes on each filesystem of `folders` (default: staging and repository, twice on one),
+        min_free_bytes left over."""
         usage: dict[int, list] = {}
-        for folder in (self.state_dir, self.model_dir):
+        for folder in folders or (self.state_dir, self.model_dir):
             entry = usage.setdefault(os.stat(folder).st_dev, [folder, 0])
             entry[1] += needed
         for folder, need in usage.values():
@@ -252,13 +254,16 @@ class Agent:
                 raise BundleError(f"bundle {path} does not exist")
             self._check_disk(path.stat().st_size)
             shutil.rmtree(self.staging, ignore_errors=True)
-            bundle = verify_bundle(path, self.trust, self.staging)
+            bases = [self.model_dir / str(v) for v in reversed(st.committed)]  # verified folders only
+            bundle = verify_bundle(path, self.trust, self.staging, base_dirs=bases)
             if bundle.model_name != self.detector_model:
                 raise BundleError(f"the bundle is for {bundle.model_name}, this agent updates {self.detector_model}")
             bad = st.bad_bundles.get(metadata_sha256(bundle.signed))
             if bad:
                 raise BundleError(f"this bundle was rolled back before ({bad}); publish a fixed one")
             version = max(self.disk_versions() + st.committed) + 1
+            st.note("verified", model_version=bundle.version, base_version=bundle.base_version,
+                    delivery=bundle.delivery)
             self._transition(st, State.STAGING, candidate=version, signed=bundle.signed,
                              model_version=bundle.version, metadata_version=bundle.metadata_version)
             self._stage(bundle, version)
@@ -268,6 +273,7 @@ class Agent:
             raise
 
     def _stage(self, bundle: SignedBundle, version: int) -> None:
+        self._check_disk(sum(p.stat().st_size for p in bundle.files.values()), (self.model_dir,))
         tmp = self.model_dir / f"{STAGING_PREFIX}{version}"
         shutil.rmtree(tmp, ignore_errors=True)
         for rel, src in bundle.files.items():

@@ -4,9 +4,14 @@ Layout (members in this order; create_bundle writes them deterministically):
   metadata.json          a signed envelope (sidecar/trust.py) whose `signed` is
                          {"_type": "bundle", "version": int (per model name, only ever increasing),
                           "expires": ISO-8601 UTC, "model_name", "model_version": semver, "target",
-                          "files": {relative path: {"sha256", "size"}}, "config_pbtxt": text (optional),
+                          "files": {relative path: {"sha256", "size", "delta" (optional)}},
+                          "base": {"model_version"} (delta bundles), "config_pbtxt": text (optional),
                           "build_manifest": {...}, "expected_outputs": [{image_b64, boxes, scores, class_ids}]}
-  files/<relative path>  one regular file per entry of `files`, relative to the Triton model version folder
+  files/<relative path>  one regular file per entry of `files` without a delta, relative to the Triton
+                         model version folder
+  deltas/<relative path> one sidecar.delta file per entry with a delta other than "unchanged"
+                         (sidecar/bundle_delta.py: applied only on top of the device's file with the
+                         stated base sha256, and the result must have the entry's sha256 and size)
 
 verify_bundle reads metadata.json first (bounded), has the TrustStore check signatures, expiry and
 rollback BEFORE anything is extracted, then streams each file into the staging folder while hashing it.
@@ -34,6 +39,9 @@ from typing import Any, BinaryIO, Iterable, Mapping, Sequence
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from sidecar import delta as D
+from sidecar.bundle_delta import (DELTAS_PREFIX, UNCHANGED, check_delta_entries, delivery, file_digest, member_name,
+                                  member_sha256, member_size, plan_deltas, rebuild, resolve_bases)
 from sidecar.bundle_types import ExpectedOutput, VerifiedBundle
 from sidecar.errors import BundleError, DiskSpaceError, SidecarError
 from sidecar.trust import TrustStore, canonical_json, format_time, parse_time, sign
@@ -120,19 +128,11 @@ def check_bundle_signed(signed: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     folders |= {f.rsplit("/", i)[0] for f in list(folders) for i in range(1, f.count("/") + 1)}
     if clash := sorted(folders & files.keys()):
         raise BundleError(f"{clash[0]} is listed both as a file and as a folder")
+    check_delta_entries(signed, files)
     return files
 
 
 # --- create ---------------------------------------------------------------------------------------------
-
-def _hash_file(path: Path) -> tuple[str, int]:
-    digest, size = hashlib.sha256(), 0
-    with open(path, "rb") as f:
-        while block := f.read(CHUNK):
-            digest.update(block)
-            size += len(block)
-    return digest.hexdigest(), size
-
 
 def _source_files(source_dir: Path) -> dict[str, Path]:
     """Regular files under source_dir by relative POSIX path; links and special files are refused."""
@@ -166,20 +166,32 @@ def _tar_info(name: str, size: int) -> tarfile.TarInfo:
 def create_bundle(source_dir: Path, out: Path, *, model_name: str, model_version: str, target: str,
                   metadata_version: int, keys: Sequence[Ed25519PrivateKey], expires: datetime | str,
                   config_pbtxt: str | None = None, build_manifest: Mapping[str, Any] | None = None,
-                  expected_outputs: Iterable[ExpectedOutput | Mapping[str, Any]] = ()) -> Path:
+                  expected_outputs: Iterable[ExpectedOutput | Mapping[str, Any]] = (),
+                  base_dir: Path | None = None, base_model_version: str | None = None,
+                  delta_methods: Iterable[str] = D.ALL) -> Path:
     """Sign and write the bundle of one model version folder; the same inputs give the same bytes.
 
+    With base_dir (the base version's folder, as built) and base_model_version, a delta bundle: files equal
+    to the base's travel as "unchanged", changed ones as the smallest verifying delta (sidecar.bundle_delta).
     Members are sorted with fixed mtime/uid/gid/mode, Ed25519 signatures are deterministic, and `out` is
     replaced atomically. The folder must not change while it is bundled (files are read twice).
     """
     source_dir, out = Path(source_dir), Path(out)
     if isinstance(metadata_version, bool) or not isinstance(metadata_version, int) or metadata_version < 1:
         raise BundleError(f"metadata_version must be a positive integer, not {metadata_version!r}")
+    if (base_dir is None) != (base_model_version is None):
+        raise BundleError("a delta bundle needs both the base folder and the base's model version")
+    if base_model_version is not None and not SEMVER.match(base_model_version):
+        raise BundleError(f"base model version {base_model_version!r:.80} is not a semantic version (1.2.0)")
+    delta_methods = tuple(delta_methods)
+    if unknown := sorted(set(delta_methods) - set(D.ALL)):
+        raise BundleError(f"unknown delta method(s) {', '.join(unknown)}; known: {', '.join(D.ALL)}")
     sources = _source_files(source_dir)
-    files = {}
+    files: dict[str, dict[str, Any]] = {}
     for rel, path in sources.items():
-        digest, size = _hash_file(path)
+        digest, size = file_digest(path)
         files[rel] = {"sha256": digest, "size": size}
+    payloads = plan_deltas(files, sources, Path(base_dir), delta_methods) if base_dir is not None else {}
     signed: dict[str, Any] = {
         "_type": "bundle", "version": metadata_version,
         "expires": format_time(expires) if isinstance(expires, datetime) else expires,
@@ -190,6 +202,8 @@ def create_bundle(source_dir: Path, out: Path, *, model_name: str, model_version
     }
     if config_pbtxt is not None:
         signed["config_pbtxt"] = config_pbtxt
+    if base_model_version is not None:
+        signed["base"] = {"model_version": base_model_version}
     parse_time(signed["expires"])
     check_bundle_signed(signed)
     metadata = canonical_json(sign(signed, keys))
@@ -203,8 +217,14 @@ def create_bundle(source_dir: Path, out: Path, *, model_name: str, model_version
             with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
                 tar.addfile(_tar_info(METADATA_NAME, len(metadata)), io.BytesIO(metadata))
                 for rel, path in sources.items():
+                    name = member_name(rel, files[rel])
+                    if name is None:
+                        continue
+                    if rel in payloads:
+                        tar.addfile(_tar_info(name, len(payloads[rel])), io.BytesIO(payloads[rel]))
+                        continue
                     with open(path, "rb") as f:
-                        tar.addfile(_tar_info(FILES_PREFIX + rel, files[rel]["size"]), f)
+                        tar.addfile(_tar_info(name, files[rel]["size"]), f)
             raw.flush()
             os.fsync(raw.fileno())
         os.chmod(tmp, 0o644)
@@ -276,38 +296,75 @@ def _stream_member(tar: tarfile.TarFile, member: tarfile.TarInfo, size: int, tar
     return digest.hexdigest()
 
 
-def _extract(tar: tarfile.TarFile, files: Mapping[str, Mapping[str, Any]], staging: Path) -> dict[str, str]:
+def _read_member(tar: tarfile.TarFile, member: tarfile.TarInfo, size: int) -> bytes:
+    """Exactly `size` bytes of a member into memory (delta payloads); never reads beyond `size`."""
+    data = tar.extractfile(member).read(size)
+    if len(data) != size:
+        raise BundleError(f"{member.name}: truncated after {len(data)} of {size} bytes")
+    return data
+
+
+def _extract(tar: tarfile.TarFile, files: Mapping[str, Mapping[str, Any]], staging: Path,
+             bases: Mapping[str, Path]) -> dict[str, str]:
     hashes: dict[str, str] = {}
+    by_member = {name: rel for rel, entry in files.items() if (name := member_name(rel, entry))}
     for member in iter(tar.next, None):
         if member.name == METADATA_NAME:
             raise BundleError(f"{METADATA_NAME} appears more than once")
-        if not member.name.startswith(FILES_PREFIX):
-            raise BundleError(f"unexpected member {member.name!r:.120}: only {FILES_PREFIX}... may follow {METADATA_NAME}")
-        rel = check_relative_path(member.name[len(FILES_PREFIX):])
+        if not member.name.startswith((FILES_PREFIX, DELTAS_PREFIX)):
+            raise BundleError(f"unexpected member {member.name!r:.120}: only {FILES_PREFIX}... and "
+                              f"{DELTAS_PREFIX}... may follow {METADATA_NAME}")
+        check_relative_path(member.name.split("/", 1)[1])
         if not _is_regular(member):
             raise BundleError(f"{member.name}: not a regular file (links, devices and folders are refused)")
+        rel = by_member.get(member.name)
+        if rel is None:
+            raise BundleError(f"{member.name} is not listed in the signed metadata (or not as a "
+                              f"{'delta' if member.name.startswith(DELTAS_PREFIX) else 'full file'})")
         if rel in hashes:
             raise BundleError(f"{member.name} appears more than once")
-        if rel not in files:
-            raise BundleError(f"{member.name} is not listed in the signed metadata")
-        declared = files[rel]["size"]
+        entry, declared = files[rel], member_size(files[rel])
         if member.size != declared:
-            raise BundleError(f"{rel}: {member.size} bytes in the bundle, {declared} in the signed metadata")
+            raise BundleError(f"{member.name}: {member.size} bytes in the bundle, {declared} in the signed metadata")
+        if entry.get("delta"):
+            payload = _read_member(tar, member, declared)
+            if hashlib.sha256(payload).hexdigest() != member_sha256(entry):
+                raise BundleError(f"{member.name}: sha256 differs from the signed delta's (corrupt or tampered)")
+            hashes[rel] = rebuild(rel, entry, bases[rel], payload, staging / rel)
+            continue
         hashes[rel] = _stream_member(tar, member, declared, staging / rel)
         if hashes[rel] != files[rel]["sha256"]:
             raise BundleError(f"{rel}: sha256 {hashes[rel][:16]}... differs from the signed "
                               f"{files[rel]['sha256'][:16]}... (corrupt or tampered)")
+    for rel, entry in files.items():
+        if (entry.get("delta") or {}).get("method") == UNCHANGED:
+            hashes[rel] = rebuild(rel, entry, bases[rel], None, staging / rel)
     if missing := sorted(files.keys() - hashes.keys()):
         raise BundleError(f"listed file(s) missing from the bundle: {', '.join(missing[:5])}")
     return hashes
 
 
-def verify_bundle(path: Path, trust: TrustStore, staging: Path, *, now: datetime | None = None,
-                  max_metadata_bytes: int = MAX_METADATA_BYTES) -> SignedBundle:
+def read_signed_unverified(path: Path) -> dict[str, Any]:
+    """The `signed` part of a bundle's metadata WITHOUT checking anything: for display (bundle create)."""
+    try:
+        with _open_bundle(Path(path)) as raw, tarfile.open(fileobj=raw, mode="r:") as tar:
+            envelope = _read_metadata(tar, MAX_METADATA_BYTES)
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        raise BundleError(f"{path}: not a readable bundle ({exc})") from exc
+    if not isinstance(envelope, dict) or not isinstance(envelope.get("signed"), dict):
+        raise BundleError(f"{path}: metadata.json is not a signed envelope")
+    return envelope["signed"]
+
+
+def verify_bundle(path: Path, trust: TrustStore, staging: Path, *, base_dirs: Sequence[Path] = (),
+                  now: datetime | None = None, max_metadata_bytes: int = MAX_METADATA_BYTES) -> SignedBundle:
     """Verify a bundle and stage its files in `staging` (absent or empty; created). On any error the staging
     folder is removed and a SidecarError (BundleError, TrustError..., DiskSpaceError) is raised. Nothing in
     staging is trusted until this returns. The trusted versions are not updated: after a successful install
-    the agent calls trust.remember(result.signed)."""
+    the agent calls trust.remember(result.signed).
+
+    base_dirs: verified version folders a delta bundle may build on (the device's committed versions, newest
+    first); every base a delta needs is found before anything is extracted."""
     path, staging = Path(path), Path(staging)
     if staging.exists() and (not staging.is_dir() or any(staging.iterdir())):
         raise BundleError(f"staging folder {staging} must be absent or empty")
@@ -315,9 +372,10 @@ def verify_bundle(path: Path, trust: TrustStore, staging: Path, *, now: datetime
         with _open_bundle(path) as raw, tarfile.open(fileobj=raw, mode="r:") as tar:
             signed = trust.verify_bundle_metadata(_read_metadata(tar, max_metadata_bytes), now)
             files = check_bundle_signed(signed)
+            bases = resolve_bases(signed, files, base_dirs)
             _check_space(staging, sum(entry["size"] for entry in files.values()))
             staging.mkdir(parents=True, exist_ok=True)
-            hashes = _extract(tar, files, staging)
+            hashes = _extract(tar, files, staging, bases)
     except BaseException as exc:
         shutil.rmtree(staging, ignore_errors=True)
         if isinstance(exc, SidecarError) or not isinstance(exc, Exception):
@@ -331,5 +389,5 @@ def verify_bundle(path: Path, trust: TrustStore, staging: Path, *, now: datetime
         model_name=signed["model_name"], version=signed["model_version"], target=signed["target"],
         metadata_version=signed["version"], files={rel: staging / rel for rel in sorted(hashes)},
         file_hashes=dict(sorted(hashes.items())), config_pbtxt=signed.get("config_pbtxt"),
-        build_manifest=signed.get("build_manifest", {}),
-        expected_outputs=tuple(_expected_output(e) for e in signed.get("expected_outputs", [])), signed=signed)
+        build_manifest=signed.get("build_manifest", {}), base_version=(signed.get("base") or {}).get("model_version"),
+        delivery=delivery(files), expected_outputs=tuple(_expected_output(e) for e in signed.get("expected_outputs", [])), signed=signed)

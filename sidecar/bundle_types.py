@@ -33,3 +33,5 @@ class VerifiedBundle:
     config_pbtxt: str | None = None  # the model's config.pbtxt, when the bundle carries one
     build_manifest: dict[str, Any] = field(default_factory=dict)
     expected_outputs: tuple[ExpectedOutput, ...] = ()
+    base_version: str | None = None  # a delta bundle's base (semantic version)
+    delivery: dict[str, str] = field(default_factory=dict)  # path -> "full", "unchanged" or the delta method

@@ -14,6 +14,8 @@ import json
 import sys
 from pathlib import Path
 
+from sidecar.delta import ALL as DELTA_METHODS
+
 ROOT_JSON = "root.json"
 
 
@@ -142,7 +144,7 @@ def cmd_keys_rotate(args: argparse.Namespace) -> int:
 
 
 def cmd_bundle_create(args: argparse.Namespace) -> int:
-    from sidecar.bundle import create_bundle
+    from sidecar.bundle import create_bundle, read_signed_unverified
     from sidecar.errors import SidecarError
     from sidecar.trust import BUNDLE_ROLE, expires_in, key_id, verify_root_self_signed
 
@@ -163,12 +165,22 @@ def cmd_bundle_create(args: argparse.Namespace) -> int:
             raise SidecarError(f"{args.build_manifest}: manifest_sha256 does not match its content")
     config = Path(args.config).read_text(encoding="utf-8") if args.config else None
     expected = _json_file(args.expected_outputs, "expected outputs") if args.expected_outputs else ()
+    if (args.base is None) != (args.base_version is None):
+        raise SidecarError("a delta bundle needs both --base and --base-version")
     out = create_bundle(Path(args.model_version_dir), Path(args.out), model_name=args.model_name,
                         model_version=args.model_version, target=args.target,
                         metadata_version=args.metadata_version, keys=keys, expires=expires_in(args.expires_days),
-                        config_pbtxt=config, build_manifest=manifest, expected_outputs=expected)
-    print(f"bundle {args.model_name} {args.model_version} (metadata v{args.metadata_version}, {args.target}, "
-          f"signed by {len(keys)} key(s)) written to {out} ({out.stat().st_size} bytes)")
+                        config_pbtxt=config, build_manifest=manifest, expected_outputs=expected,
+                        base_dir=Path(args.base) if args.base else None, base_model_version=args.base_version,
+                        delta_methods=args.delta_methods.split(","))
+    kind = f"delta against {args.base_version}" if args.base else "full"
+    print(f"bundle {args.model_name} {args.model_version} ({kind}, metadata v{args.metadata_version}, {args.target}, "
+          f"signed by {len(keys)} key(s)) written to {out} ({out.stat().st_size:,} bytes)")
+    if args.base:
+        for rel, entry in read_signed_unverified(out)["files"].items():
+            delta = entry.get("delta") or {}
+            shipped = "0" if delta.get("method") == "unchanged" else f"{delta.get('size', entry['size']):,}"
+            print(f"  {rel}: {delta.get('method', 'full')}, {shipped} of {entry['size']:,} bytes")
     return 0
 
 
@@ -232,6 +244,13 @@ def add_parser(subparsers) -> tuple[argparse.ArgumentParser, argparse.ArgumentPa
     create.add_argument("--build-manifest", metavar="PATH", help="build manifest.json to carry (its manifest_sha256 is checked)")
     create.add_argument("--expected-outputs", metavar="PATH",
                         help="JSON list of {image_b64, boxes, scores, class_ids} the health gate must reproduce")
+    create.add_argument("--base", metavar="BASE_VERSION_DIR",
+                        help="make a delta bundle against this base version folder (as built): unchanged files "
+                             "are not shipped, changed ones as the smallest delta that verifies; devices apply it "
+                             "only on top of files with the base's sha256")
+    create.add_argument("--base-version", metavar="SEMVER", help="the base's model version (with --base)")
+    create.add_argument("--delta-methods", default=",".join(DELTA_METHODS), metavar="M1,M2",
+                        help=f"delta methods to try (default {','.join(DELTA_METHODS)})")
     create.add_argument("--expires-days", type=float, default=90, metavar="D",
                         help="the metadata expires after D days (default 90): devices refuse it afterwards")
     create.set_defaults(func=lambda a: _run("bundle create", cmd_bundle_create, a))

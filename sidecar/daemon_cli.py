@@ -102,11 +102,21 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    """Register `sidecar` (the daemon, same options as `python -m sidecar`) on an argparse subparsers object."""
+    """Register `sidecar run` (the daemon, same options as `python -m sidecar`) and the API's client commands
+    (sidecar.ctl_cli) on an argparse subparsers object."""
+    from sidecar import ctl_cli
+
     parser = subparsers.add_parser(
-        "sidecar", help="run the update agent: signed detector bundles installed, gated, swapped, rolled back",
-        description="The sidecar daemon: recovers any interrupted install, then serves a JSON API on 127.0.0.1 "
-                    "(GET /status /versions /history, POST /install /rollback).")
-    add_options(parser)
-    parser.set_defaults(func=run)
+        "sidecar", help="the update agent: run the daemon, or ask it for status, install, rollback",
+        description="Signed detector bundles installed, gated, swapped and rolled back by a daemon beside Triton. "
+                    "`run` starts the daemon (it recovers any interrupted install, then serves a JSON API on "
+                    "127.0.0.1); the other commands talk to that API.")
+    sub = parser.add_subparsers(dest="sidecar_command", required=True)
+    run_parser = sub.add_parser("run", help="run the daemon (as `python -m sidecar`)",
+                                description="The sidecar daemon: recovers any interrupted install, then serves a "
+                                            "JSON API on 127.0.0.1 (GET /status /versions /history, POST /install "
+                                            "/rollback).")
+    add_options(run_parser)
+    run_parser.set_defaults(func=run)
+    ctl_cli.add_commands(sub)
     return parser

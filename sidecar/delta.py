@@ -153,10 +153,10 @@ def full_file_size(new: bytes) -> int:
     return len(zstd.ZstdCompressor(level=FULL_LEVEL).compress(new))
 
 
-def best_delta(base: bytes, new: bytes, methods: Iterable[str] = ALL) -> tuple[str, bytes]:
+def best_delta(base: bytes, new: bytes, methods: Iterable[str] = ALL, full_size: int | None = None) -> tuple[str, bytes]:
     """(method, delta) of the smallest delta that verifies when applied, or (FULL, b"") when none is
-    smaller than the zstd-compressed full file (ship the full file). Methods whose packages are not
-    installed, or that do not apply (onnx-tensor on a non-ONNX file), are skipped."""
+    smaller than shipping the full file: `full_size` bytes (default: its zstd-compressed size). Methods
+    whose packages are not installed, or that do not apply (onnx-tensor on a non-ONNX file), are skipped."""
     methods, usable, best = tuple(methods), available_methods(), None
     if set(methods) - set(_METHODS):
         raise DeltaError(f"unknown delta method(s) {sorted(set(methods) - set(_METHODS))}")
@@ -171,7 +171,7 @@ def best_delta(base: bytes, new: bytes, methods: Iterable[str] = ALL) -> tuple[s
             continue
         if best is None or len(delta) < len(best[1]):
             best = (method, delta)
-    if best is None or len(best[1]) >= full_file_size(new):
+    if best is None or len(best[1]) >= (full_file_size(new) if full_size is None else full_size):
         return FULL, b""
     return best
 

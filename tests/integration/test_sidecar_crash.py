@@ -31,7 +31,8 @@ from sidecar.triton_control import TritonControl
 from sidecar.trust import TrustStore
 from tests.conftest import ROOT
 from tests.integration.conftest import assert_stopped, render
-from tests.integration.test_sidecar_swap import (DETECTOR, Keys, detect_dog, expected_outputs, leftovers,
+from sidecar.bundle import create_bundle
+from tests.integration.test_sidecar_swap import (DETECTOR, EXPIRES, Keys, detect_dog, expected_outputs, leftovers,
                                                  make_bundle, make_variant, reset_to_v1, DOG)
 
 pytestmark = pytest.mark.integration
@@ -221,13 +222,26 @@ def _wait_until(check, timeout_s: float, what: str):
         time.sleep(0.25)
 
 
-def test_daemon_api_url_install_gc_triton_restart_and_manual_rollback(crash_env, tmp_path):
-    """Last in this module: it leaves the device on v2 (v1 garbage-collected)."""
+def ctl(capsys, api: str, *argv: str) -> tuple[int, object]:
+    """`edgestack sidecar ...` in this process: (exit code, the JSON it printed)."""
+    from edgestack.cli import main
+
+    code = main(["sidecar", *argv, "--api", api])
+    return code, json.loads(capsys.readouterr().out)
+
+
+def test_daemon_api_cli_url_and_delta_install_gc_triton_restart_and_manual_rollback(crash_env, tmp_path, capsys):
+    """Last in this module: it leaves the device on v2 (v1 garbage-collected). v2 comes from a registry URL
+    through the API, v3 is a delta bundle against v2 installed with `edgestack sidecar install`."""
     env, control = crash_env, crash_env.control
     reset_to_v1(env.repository, control)
     env.keys.trust_store(tmp_path / "trust")
     model_dir = env.repository / DETECTOR
-    v3 = make_bundle(env.tmp / "v2", tmp_path / "v3.bundle", env.keys, expected_outputs(env.server, [DOG]), 3)
+    retrained = make_variant(env.tmp / "v2", tmp_path / "v3", "retrained")
+    v3 = create_bundle(retrained, tmp_path / "v3.bundle", model_name=DETECTOR, model_version="1.3.0", target="cpu",
+                       metadata_version=3, keys=env.keys.bundle, expires=EXPIRES,
+                       expected_outputs=expected_outputs(env.server, [DOG]), base_dir=env.tmp / "v2",
+                       base_model_version="1.2.0")
     files = ThreadingHTTPServer(("127.0.0.1", 0), partial(_Quiet, directory=str(env.tmp)))
     threading.Thread(target=files.serve_forever, daemon=True).start()
     daemon = Daemon(env, tmp_path, None, "--keep-versions", "2", "--watch-s", "1")
@@ -242,8 +256,13 @@ def test_daemon_api_url_install_gc_triton_restart_and_manual_rollback(crash_env,
         assert code == 200 and status["state"] == "DONE" and status["committed"] == [1, 2], status
         _, history = daemon.request("GET", "/history")
         assert "DOWNLOADING" in [e["state"] for e in history]
-        code, status = daemon.request("POST", "/install", {"bundle": str(v3), "wait": True})
-        assert code == 200 and status["committed"] == [2, 3], status
+        api = f"http://127.0.0.1:{daemon.port}"
+        code, status = ctl(capsys, api, "install", str(v3))
+        assert code == 0 and status["state"] == "DONE" and status["committed"] == [2, 3], status
+        assert (model_dir / "3" / "model.onnx").read_bytes() == (retrained / "model.onnx").read_bytes()
+        code, history = ctl(capsys, api, "history", "--last", "30")
+        verified = [e for e in history if e["event"] == "verified"][-1]
+        assert code == 0 and verified["base_version"] == "1.2.0" and verified["delivery"]["model.py"] == "unchanged"
         assert sorted(p.name for p in model_dir.iterdir() if p.name.isdigit()) == ["2", "3"], "v1 not collected"
 
         control.close()
@@ -254,14 +273,17 @@ def test_daemon_api_url_install_gc_triton_restart_and_manual_rollback(crash_env,
         assert versions["current"] == 3 and versions["kept"] == [2, 3]
         assert "dog" in detect_dog(env.server.grpc_url)
 
-        code, status = daemon.request("POST", "/rollback", {"reason": "operator saw false alarms"})
-        assert code == 200 and status["state"] == "FAILED" and status["current"] == 2, status
+        code, status = ctl(capsys, api, "rollback", "--reason", "operator saw false alarms")
+        assert code == 0 and status["state"] == "FAILED" and status["current"] == 2, status
         assert control.pinned_version() == 2 and control.ready_versions() == [2]
         assert sorted(p.name for p in model_dir.iterdir() if p.name.isdigit()) == ["2"]
         _, history = daemon.request("GET", "/history")
         rolled = [e for e in history if e["event"] == "rolled_back"][-1]
         assert rolled["bad"] and rolled["bad_version"] == 3 and "operator saw false alarms" in rolled["reason"]
-        assert daemon.request("POST", "/rollback", {"reason": "again"})[0] == 409  # nothing older is kept
+        code, answer = ctl(capsys, api, "rollback", "--reason", "again")
+        assert code == 3 and "only committed version" in answer["error"], answer  # nothing older is kept
+        code, versions = ctl(capsys, api, "versions")
+        assert code == 0 and versions["current"] == 2 and versions["serving"] == 2
         assert "dog" in detect_dog(env.server.http_url, "http")
     finally:
         files.shutdown()

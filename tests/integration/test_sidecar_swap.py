@@ -23,7 +23,7 @@ from edgestack.server import TritonServer
 from sidecar.agent import Agent
 from sidecar.bundle import create_bundle
 from sidecar.bundle_types import ExpectedOutput
-from sidecar.errors import DiskSpaceError, HealthGateError, TritonControlError
+from sidecar.errors import BundleError, DiskSpaceError, HealthGateError, TritonControlError
 from sidecar.state import StateStore
 from sidecar.triton_control import TritonControl
 from sidecar.trust import TrustStore, format_time, generate_key, make_root, sign
@@ -66,10 +66,20 @@ def expected_outputs(server: TritonServer, images: list[Path]) -> list[ExpectedO
 
 
 def make_variant(source: Path, dest: Path, kind: str) -> Path:
-    """A copy of a detector version folder: same, wrong (boxes + 40 px), slow (execute sleeps), crash."""
+    """A copy of a detector version folder: same, wrong (boxes + 40 px), slow (execute sleeps), crash,
+    retrained (the last four weight tensors scaled by 1.0005: new bytes, the same detections)."""
     shutil.copytree(source, dest, ignore=shutil.ignore_patterns("__pycache__"))
     model_py = dest / "model.py"
-    if kind == "wrong":
+    if kind == "retrained":
+        import numpy as np
+        import onnx
+
+        model = onnx.load(dest / "model.onnx")
+        weights = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT and len(t.raw_data) >= 256]
+        for tensor in weights[-4:]:
+            tensor.raw_data = (np.frombuffer(tensor.raw_data, np.float32) * np.float32(1.0005)).tobytes()
+        onnx.save(model, dest / "model.onnx")
+    elif kind == "wrong":
         import onnx
         from onnx import helper, numpy_helper
         import numpy as np
@@ -286,6 +296,46 @@ def test_disk_full_refuses_before_staging(swap_env, make_agent):
     assert status["state"] == "FAILED" and status["current"] == 1 and "DiskSpaceError" in status["reason"]
     assert agent.disk_versions() == [1] and leftovers(swap_env.repository) == []
     assert not agent.staging.exists(), "nothing may be extracted when the disk is full"
+    assert swap_env.control.pinned_version() == 1 and swap_env.control.ready_versions() == [1]
+
+
+# --- delta bundles ------------------------------------------------------------------------------------------
+
+def test_delta_bundle_installs_on_top_of_the_committed_version(swap_env, make_agent):
+    v1 = swap_env.repository / DETECTOR / "1"
+    retrained = make_variant(v1, swap_env.tmp / "variants" / "retrained", "retrained")
+    expected = expected_outputs(swap_env.server, [DOG])
+    delta = create_bundle(retrained, swap_env.tmp / "retrained-delta.bundle", model_name=DETECTOR,
+                          model_version="1.5.0", target="cpu", metadata_version=20, keys=swap_env.keys.bundle,
+                          expires=EXPIRES, expected_outputs=expected, base_dir=v1, base_model_version="1.0.0")
+    full = make_bundle(retrained, swap_env.tmp / "retrained-full.bundle", swap_env.keys, expected, 20)
+    assert delta.stat().st_size < full.stat().st_size / 10, (delta.stat().st_size, full.stat().st_size)
+
+    agent = make_agent()
+    status = agent.install(delta)
+    assert status["state"] == "DONE" and status["current"] == 2 and status["committed"] == [1, 2]
+    installed = swap_env.repository / DETECTOR / "2"
+    assert (installed / "model.onnx").read_bytes() == (retrained / "model.onnx").read_bytes()
+    assert (v1 / "model.onnx").read_bytes() != (retrained / "model.onnx").read_bytes(), "v1 left untouched"
+    verified = next(e for e in agent.history() if e["event"] == "verified")
+    assert verified["base_version"] == "1.0.0" and verified["delivery"]["model.onnx"] in ("bsdiff4", "zstd-patch-from",
+                                                                                         "onnx-tensor")
+    assert verified["delivery"]["model.py"] == "unchanged"
+    assert swap_env.control.pinned_version() == 2 and "dog" in detect_dog(swap_env.server.grpc_url)
+
+
+def test_delta_bundle_without_its_base_on_the_device_is_refused(swap_env, make_agent):
+    v1 = swap_env.repository / DETECTOR / "1"
+    other_base = make_variant(v1, swap_env.tmp / "variants" / "other-base", "retrained")
+    delta = create_bundle(v1, swap_env.tmp / "against-other.bundle", model_name=DETECTOR, model_version="1.6.0",
+                          target="cpu", metadata_version=21, keys=swap_env.keys.bundle, expires=EXPIRES,
+                          base_dir=other_base, base_model_version="1.5.0")
+    agent = make_agent()
+    with pytest.raises(BundleError, match="delta against base 1.5.0 .* install the full bundle"):
+        agent.install(delta)
+    status = agent.status()
+    assert status["state"] == "FAILED" and status["current"] == 1 and "install the full bundle" in status["reason"]
+    assert agent.disk_versions() == [1] and leftovers(swap_env.repository) == [] and not agent.staging.exists()
     assert swap_env.control.pinned_version() == 1 and swap_env.control.ready_versions() == [1]
 
 
