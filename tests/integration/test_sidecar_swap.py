@@ -8,7 +8,9 @@ outputs), a model.py that sleeps (too slow) and one that raises in initialize (c
 from __future__ import annotations
 
 import base64
+import os
 import shutil
+import signal
 import threading
 import time
 from dataclasses import dataclass, field
@@ -356,6 +358,45 @@ def test_triton_restart_restores_exactly_the_committed_version(swap_env, make_ag
     assert "dog" in detect_dog(server.grpc_url)
     assert control.statistics(2).success_count >= 1
     assert StateStore(agent.store.path).load().committed == [1, 2]
+
+
+@pytest.mark.parametrize("kill_in", ["LOADING", "HEALTH_GATE"])
+def test_triton_killed_mid_swap_recovers_to_the_committed_version(swap_env, make_agent, kill_in):
+    """tritonserver is SIGKILLed (with its Python stubs) while the agent loads or gates v2. The install fails
+    without Triton to roll back on; once Triton is back (empty, explicit mode), recover() finishes the
+    rollback: v1 served and pinned, v2's folder gone, v2 never trusted."""
+    agent = make_agent()
+    server, control = swap_env.server, swap_env.control
+    outcome: dict[str, BaseException | dict] = {}
+
+    def install() -> None:
+        try:
+            outcome["status"] = agent.install(swap_env.bundles["same"])
+        except BaseException as exc:  # noqa: BLE001 - asserted below
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=install, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 120
+    while (state := StateStore(agent.store.path).load()) is None or state.state.value != kill_in:
+        assert thread.is_alive() and time.monotonic() < deadline, f"the install never reached {kill_in}: {outcome}"
+        time.sleep(0.005)
+    os.killpg(server.pid, signal.SIGKILL)
+    thread.join(timeout=300)
+    assert "error" in outcome, f"the install went on without Triton: {outcome}"
+    assert StateStore(agent.store.path).load().state.value == "ROLLING_BACK", "persisted before the rollback failed"
+
+    control.close()
+    agent.control.close()
+    server.stop()
+    server.start()  # explicit mode, nothing loaded: the device serves nothing until the agent recovers
+    status = agent.recover()
+    assert status["state"] == "FAILED" and status["current"] == 1 and status["committed"] == [1], status
+    assert control.pinned_version() == 1 and control.ready_versions() == [1]
+    assert agent.disk_versions() == [1] and leftovers(swap_env.repository) == []
+    assert TrustStore(agent.trust.folder).trusted_version(DETECTOR) is None
+    assert [e for e in agent.history() if e["event"] == "recover"][-1]["found"] == "ROLLING_BACK"
+    assert "dog" in detect_dog(server.grpc_url)
 
 
 def test_compare_detections_tolerances():
