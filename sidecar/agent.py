@@ -331,6 +331,20 @@ class Agent:
                 self._remove_version(version)
         self._clean_leftovers(st)
 
+    # --- trust -------------------------------------------------------------------------------------------
+
+    def update_root(self, envelope: dict[str, Any]) -> dict[str, Any]:
+        """Rotate the trusted root to the next version (signed by the current root's threshold and its own);
+        bundles are checked against it from now on. TrustError (not applied) otherwise."""
+        with self._exclusive("update root"):
+            signed = self.trust.update_root(envelope)
+            st = self.store.load()
+            if st is not None:
+                st.note("root_updated", root_version=signed["version"], expires=signed["expires"])
+                self.store.save(st)
+            self._log(event="root_updated", root_version=signed["version"], expires=signed["expires"])
+            return {"root_version": signed["version"], "expires": signed["expires"]}
+
     # --- rollback ---------------------------------------------------------------------------------------
 
     def rollback(self, reason: str) -> dict[str, Any]:

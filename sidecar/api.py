@@ -6,6 +6,8 @@
   POST /install  {"bundle": PATH}   or {"url": URL, "sha256": HEX, "size": N}; add "wait": true to answer
                                     when the install ends (200, or 422 with the error); else 202 at once
   POST /rollback {"reason": TEXT}   stops an install in flight, or rolls back to the previous committed version
+  POST /root {"root": ENVELOPE}     key rotation: trust the next root.json (signed by the current root's
+                                    threshold and by its own), made by `edgestack keys rotate`
 Errors: 400 bad request, 404 unknown path, 409 busy or an interrupted install, 422 the install or rollback
 failed (the body says why), 500 anything else.
 """
@@ -101,6 +103,10 @@ class SidecarAPI:
             return HTTPStatus.OK, self.agent.history()
         if method == "POST" and path == "/install":
             return self.install(body)
+        if method == "POST" and path == "/root":
+            if not isinstance(body.get("root"), dict):
+                raise _BadRequest('root needs {"root": <signed root.json>}')
+            return HTTPStatus.OK, self.agent.update_root(body["root"])
         if method == "POST" and path == "/rollback":
             reason = body.get("reason")
             if not isinstance(reason, str) or not reason.strip():

@@ -1,4 +1,4 @@
-"""`edgestack sidecar status|versions|history|install|rollback`: the daemon's API (sidecar.api) from a shell.
+"""`edgestack sidecar status|versions|history|install|rollback|root`: the daemon's API (sidecar.api) from a shell.
 
 Each command sends one request to the daemon on this device (--api, default http://127.0.0.1:8010) and
 prints its JSON answer. Exit codes: 0 done; 1 the install or rollback failed (rolled back; the answer says
@@ -46,6 +46,12 @@ def _run(args: argparse.Namespace) -> int:
         body["wait"] = not args.no_wait
     elif args.ctl_command == "rollback":
         body = {"reason": args.reason}
+    elif args.ctl_command == "root":
+        try:
+            body = {"root": json.loads(Path(args.root_json).read_text(encoding="utf-8"))}
+        except (OSError, ValueError) as exc:
+            print(f"edgestack sidecar root: error: {args.root_json}: {exc}", file=sys.stderr)
+            return 2
     method, path = ("POST", f"/{args.ctl_command}") if body is not None else ("GET", f"/{args.ctl_command}")
     try:
         code, answer = call(args.api, method, path, body, timeout_s)
@@ -62,7 +68,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def add_commands(subparsers) -> None:
-    """Register status, versions, history, install and rollback on the `sidecar` command's subparsers."""
+    """Register status, versions, history, install, rollback and root on the `sidecar` command's subparsers."""
     def command(name: str, help_: str) -> argparse.ArgumentParser:
         parser = subparsers.add_parser(name, help=help_, description=help_ + ". " + __doc__.split("\n\n")[1])
         parser.add_argument("--api", default=DEFAULT_API, help=f"the daemon's API (default {DEFAULT_API})")
@@ -81,3 +87,5 @@ def add_commands(subparsers) -> None:
     install.add_argument("--no-wait", action="store_true", help="return once the install started (HTTP 202)")
     rollback = command("rollback", "stop an install in flight, or go back to the previous committed version")
     rollback.add_argument("--reason", required=True, help="recorded in the history and with the bad bundle")
+    root = command("root", "key rotation: make the daemon trust the next root.json (from `edgestack keys rotate`)")
+    root.add_argument("root_json", metavar="ROOT_JSON")

@@ -115,7 +115,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     run_parser = sub.add_parser("run", help="run the daemon (as `python -m sidecar`)",
                                 description="The sidecar daemon: recovers any interrupted install, then serves a "
                                             "JSON API on 127.0.0.1 (GET /status /versions /history, POST /install "
-                                            "/rollback).")
+                                            "/rollback /root).")
     add_options(run_parser)
     run_parser.set_defaults(func=run)
     ctl_cli.add_commands(sub)

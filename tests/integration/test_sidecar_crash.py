@@ -28,7 +28,7 @@ import pytest
 from edgestack.server import TritonServer, free_port
 from sidecar.state import TERMINAL, State, StateStore
 from sidecar.triton_control import TritonControl
-from sidecar.trust import TrustStore
+from sidecar.trust import TrustStore, generate_key, make_root, sign
 from tests.conftest import ROOT
 from tests.integration.conftest import assert_stopped, render
 from sidecar.bundle import create_bundle
@@ -231,8 +231,9 @@ def ctl(capsys, api: str, *argv: str) -> tuple[int, object]:
 
 
 def test_daemon_api_cli_url_and_delta_install_gc_triton_restart_and_manual_rollback(crash_env, tmp_path, capsys):
-    """Last in this module: it leaves the device on v2 (v1 garbage-collected). v2 comes from a registry URL
-    through the API, v3 is a delta bundle against v2 installed with `edgestack sidecar install`."""
+    """Last in this module: it leaves the device on v3 (v1 garbage-collected). v2 comes from a registry URL
+    through the API, v3 is a delta bundle against v2 installed with `edgestack sidecar install` and rolled
+    back; then the keys are rotated and a bundle signed with the new keys installs, one with the old does not."""
     env, control = crash_env, crash_env.control
     reset_to_v1(env.repository, control)
     env.keys.trust_store(tmp_path / "trust")
@@ -284,6 +285,24 @@ def test_daemon_api_cli_url_and_delta_install_gc_triton_restart_and_manual_rollb
         assert code == 3 and "only committed version" in answer["error"], answer  # nothing older is kept
         code, versions = ctl(capsys, api, "versions")
         assert code == 0 and versions["current"] == 2 and versions["serving"] == 2
+
+        # key rotation: root v2 (signed by the old and the new root keys) through `edgestack sidecar root`
+        new_root, new_bundle = [generate_key()], [generate_key()]
+        root_v2 = sign(make_root(version=2, expires=EXPIRES, root_keys=new_root, root_threshold=1,
+                                 bundle_keys=new_bundle, bundle_threshold=1), env.keys.root + new_root)
+        (tmp_path / "root-v2.json").write_text(json.dumps(root_v2))
+        code, answer = ctl(capsys, api, "root", str(tmp_path / "root-v2.json"))
+        assert code == 0 and answer["root_version"] == 2, answer
+        assert TrustStore(tmp_path / "trust").root.version == 2, "the rotation was not persisted"
+        assert ctl(capsys, api, "root", str(tmp_path / "root-v2.json"))[0] == 1, "the same root twice"
+        old_keys = make_bundle(env.tmp / "v2", tmp_path / "old-keys.bundle", env.keys, [], 4)
+        code, answer = ctl(capsys, api, "install", str(old_keys))
+        assert code == 1 and answer["type"] == "SignatureError", answer
+        rotated = create_bundle(env.tmp / "v2", tmp_path / "new-keys.bundle", model_name=DETECTOR,
+                                model_version="1.5.0", target="cpu", metadata_version=5, keys=new_bundle,
+                                expires=EXPIRES, expected_outputs=expected_outputs(env.server, [DOG]))
+        code, status = ctl(capsys, api, "install", str(rotated))
+        assert code == 0 and status["state"] == "DONE" and status["committed"] == [2, 3], status
         assert "dog" in detect_dog(env.server.http_url, "http")
     finally:
         files.shutdown()
