@@ -22,7 +22,6 @@ the agent, right after persisting that state, create <state_dir>/paused-<STATE> 
 """
 from __future__ import annotations
 
-import compileall
 import json
 import os
 import shutil
@@ -41,30 +40,13 @@ from sidecar.health import health_gate, probation, stage_thresholds
 from sidecar.state import RECOVERY, TERMINAL, AgentState, State, StateStore, now_iso, recovery_action
 from sidecar.triton_control import TritonControl
 from sidecar.trust import TrustStore, metadata_sha256
+from sidecar.version_folders import VersionFolders, check_free_space
 
 PAUSE_ENV = "SIDECAR_TEST_PAUSE_AT"
-STAGING_PREFIX = ".staging-"
-TRASH_PREFIX = ".trash-"
 
 
 class AgentBusyError(StateError):
     """Another install, rollback or recovery is running."""
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _copy_synced(src: Path, dst: Path) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    with open(src, "rb") as fin, open(dst, "xb") as fout:
-        shutil.copyfileobj(fin, fout, 1 << 20)
-        fout.flush()
-        os.fsync(fout.fileno())
 
 
 class Agent:
@@ -76,6 +58,7 @@ class Agent:
             raise ValueError("keep_versions must be at least 2 (the serving version and one to roll back to)")
         self.repository = Path(repository)
         self.model_dir = self.repository / detector_model
+        self.folders = VersionFolders(self.model_dir)
         self.detector_model = detector_model
         self.state_dir = Path(state_dir)
         self.staging = self.state_dir / "staging"
@@ -117,10 +100,7 @@ class Agent:
                 "candidate": None if st.state in TERMINAL else st.candidate}
 
     def disk_versions(self) -> list[int]:
-        if not self.model_dir.is_dir():
-            return []
-        return sorted(int(p.name) for p in self.model_dir.iterdir()
-                      if p.is_dir() and p.name.isdigit() and not p.name.startswith("0"))
+        return self.folders.versions()
 
     # --- plumbing ---------------------------------------------------------------------------------------
 
@@ -178,32 +158,11 @@ class Agent:
     def _check_disk(self, needed: int, folders: tuple[Path, ...] = ()) -> None:
         """needed bytes on each filesystem of `folders` (default: staging and repository, twice on one),
         min_free_bytes left over."""
-        usage: dict[int, list] = {}
-        for folder in folders or (self.state_dir, self.model_dir):
-            entry = usage.setdefault(os.stat(folder).st_dev, [folder, 0])
-            entry[1] += needed
-        for folder, need in usage.values():
-            free = shutil.disk_usage(folder).free
-            if free - need < self.min_free_bytes:
-                raise DiskSpaceError(f"installing needs {need} bytes under {folder}: {free} free, and "
-                                     f"{self.min_free_bytes} must stay free")
-
-    def _remove_version(self, version: int) -> None:
-        folder = self.model_dir / str(version)
-        if folder.is_dir():
-            trash = self.model_dir / f"{TRASH_PREFIX}{version}-{os.getpid()}"
-            os.rename(folder, trash)  # one step: the numbered folder is gone or whole, never half removed
-            _fsync_dir(self.model_dir)
-            shutil.rmtree(trash, ignore_errors=True)
+        check_free_space(folders or (self.state_dir, self.model_dir), needed, self.min_free_bytes)
 
     def _clean_leftovers(self, st: AgentState) -> None:
         shutil.rmtree(self.staging, ignore_errors=True)
-        for path in self.model_dir.iterdir():
-            if path.name.startswith((STAGING_PREFIX, TRASH_PREFIX)):
-                shutil.rmtree(path, ignore_errors=True)
-        for version in self.disk_versions():
-            if version > st.current and version not in st.committed:
-                self._remove_version(version)  # staged by an install that never committed
+        self.folders.clean_leftovers(st.current, st.committed)
 
     # --- install ----------------------------------------------------------------------------------------
 
@@ -274,28 +233,14 @@ class Agent:
 
     def _stage(self, bundle: SignedBundle, version: int) -> None:
         self._check_disk(sum(p.stat().st_size for p in bundle.files.values()), (self.model_dir,))
-        tmp = self.model_dir / f"{STAGING_PREFIX}{version}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        for rel, src in bundle.files.items():
-            _copy_synced(src, tmp / rel)
-        # Bytecode now, so the Python stub does not write __pycache__ into a loaded version: Triton reloads a
-        # model whose folder changed since its load (from disk) the next time the ensemble is loaded.
-        compileall.compile_dir(str(tmp), quiet=2, workers=1)
-        config = self.model_dir / "config.pbtxt"
-        if bundle.config_pbtxt is not None and not config.exists():
-            from sidecar.trust import atomic_write
-
-            atomic_write(config, bundle.config_pbtxt.encode("utf-8"))
-        os.rename(tmp, self.model_dir / str(version))
-        _fsync_dir(self.model_dir)
+        self.folders.stage(bundle.files, version, bundle.config_pbtxt)
         shutil.rmtree(self.staging, ignore_errors=True)
 
     def _discard(self, st: AgentState, reason: str) -> None:
         """Undo an install that loaded nothing: staging and the unfinished version folder go; FAILED."""
         shutil.rmtree(self.staging, ignore_errors=True)
         if st.candidate is not None and st.candidate not in st.committed:
-            shutil.rmtree(self.model_dir / f"{STAGING_PREFIX}{st.candidate}", ignore_errors=True)
-            self._remove_version(st.candidate)
+            self.folders.remove(st.candidate)
         st.note("install_failed", bundle=st.bundle, reason=reason)
         self._transition(st, State.FAILED, reason=reason)
 
@@ -328,7 +273,7 @@ class Agent:
         self._transition(st, State.DONE, reason=None)
         for version in self.disk_versions():  # garbage: anything not among the last keep_versions good ones
             if version not in st.committed:
-                self._remove_version(version)
+                self.folders.remove(version)
         self._clean_leftovers(st)
 
     # --- trust -------------------------------------------------------------------------------------------
@@ -389,7 +334,7 @@ class Agent:
         self.control.pin_ensemble(prev)
         self.control.load_detector([prev])
         if bad is not None and bad != prev:
-            self._remove_version(bad)
+            self.folders.remove(bad)
         if st.signed:
             st.bad_bundles[metadata_sha256(st.signed)] = st.reason or "rolled back"
         committed = [v for v in st.committed if v != bad]
@@ -423,9 +368,8 @@ class Agent:
         self._recover_restore(st, found)
 
     def _recover_unstage(self, st: AgentState, found: State) -> None:
-        shutil.rmtree(self.model_dir / f"{STAGING_PREFIX}{st.candidate}", ignore_errors=True)
         if st.candidate not in st.committed:
-            self._remove_version(st.candidate)
+            self.folders.remove(st.candidate)
         self._transition(st, State.IDLE, reason=f"install interrupted in {found.value} (agent restarted); unstaged")
         self._recover_restore(st, found)
 

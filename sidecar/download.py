@@ -19,6 +19,7 @@ import urllib.request
 from pathlib import Path
 from typing import Protocol
 
+from sidecar.durable import fsync_dir
 from sidecar.errors import DownloadError
 
 log = logging.getLogger(__name__)
@@ -82,7 +83,7 @@ def download(url: str, dest: Path, *, expected_size: int, expected_sha256: str, 
             raise DownloadError(f"download of {url}: sha256 {digest} differs from the expected {expected_sha256}; "
                                 f"the {expected_size} bytes were discarded")
         os.replace(part, dest)
-        _fsync_dir(dest.parent)
+        fsync_dir(dest.parent)
         return dest
     raise DownloadError(f"download of {url} failed after {max_tries} attempts: {_size(part)} of {expected_size} "
                         f"bytes received, kept in {part} for a later resume; last error: {reasons[-1]}")
@@ -159,16 +160,3 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
