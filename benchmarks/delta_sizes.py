@@ -8,7 +8,7 @@ delta is checked to rebuild the new file byte for byte.
 
 Where a method's Python package (bsdiff4, zstandard) is missing, the zstd methods are measured with the
 zstd command-line tool at the same level instead (marked †): `zstd --patch-from` for zstd-patch-from,
-and sidecar.delta's own onnx-tensor container compressed by the CLI for onnx-tensor. bsdiff4 has no
+and sidecar.delta_onnx's own onnx-tensor container compressed by the CLI for onnx-tensor. bsdiff4 has no
 stand-in and shows n/a.
 
 Then whole bundles: for each change, the rendered detector version folder (model.py, backends/, model.onnx)
@@ -37,6 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from sidecar import delta as D  # noqa: E402
+from sidecar import delta_onnx  # noqa: E402
 from sidecar.errors import DeltaError  # noqa: E402
 
 MODEL = ROOT.parent / "shared" / "fixtures" / "models" / "centernet_mb3_coco.onnx"
@@ -122,9 +123,9 @@ def build_cases(tmp: Path) -> dict[str, tuple[bytes, bytes]]:
 def changed_share(base: bytes, new: bytes) -> str:
     """Share of the new file's initializer bytes that differ from the same-named base tensor."""
     try:
-        old = D._base_tensors(base)
+        old = delta_onnx._base_tensors(base)
         total = changed = 0
-        for t in D._initializers(new):
+        for t in delta_onnx._initializers(new):
             if t.start < 0:
                 continue
             data, o = new[t.start:t.end], old.get(t.name)
@@ -169,12 +170,12 @@ def measure(method: str, base: bytes, new: bytes, tmp: Path, level: int) -> tupl
     else:
         try:
             t0 = time.perf_counter()
-            payload = zstd_cli([f"-{level}"], D._tensor_pack(base, new))
+            payload = zstd_cli([f"-{level}"], delta_onnx._tensor_pack(base, new))
             make_s = time.perf_counter() - t0
         except (ValueError, DeltaError):
             return "n/a (not ONNX)"
         t0 = time.perf_counter()
-        result = D._tensor_unpack(base, zstd_cli(["-d"], payload))
+        result = delta_onnx._tensor_unpack(base, zstd_cli(["-d"], payload))
         apply_s = time.perf_counter() - t0
     assert result == new, f"{method} stand-in did not rebuild the file"
     return header + len(payload), make_s, apply_s, True
@@ -188,7 +189,8 @@ def bundle_rows(tmp: Path, cases: dict[str, tuple[bytes, bytes]]) -> list[str]:
     from builder.repository import render_repository
     from builder.spec import load_spec
     from sidecar.bundle import create_bundle, verify_bundle
-    from sidecar.trust import TrustStore, format_time, generate_key, make_root, sign
+    from sidecar.keys import generate_key
+    from sidecar.trust import TrustStore, format_time, make_root, sign
 
     root, key = generate_key(), generate_key()
     expires = format_time(datetime.datetime.now(timezone.utc) + timedelta(days=1))
@@ -223,7 +225,7 @@ def main() -> int:
     parser.add_argument("--level", type=int, default=D.FULL_LEVEL, help="zstd level for every zstd step")
     parser.add_argument("--out", help="append the results as a Markdown section to this file")
     args = parser.parse_args()
-    D.PATCH_LEVEL = D.TENSOR_LEVEL = D.FULL_LEVEL = args.level
+    D.PATCH_LEVEL = D.FULL_LEVEL = delta_onnx.TENSOR_LEVEL = args.level
     have_zstd = D.ZSTD_PATCH_FROM in D.available_methods()
 
     rows, notes = [], []
@@ -273,7 +275,7 @@ def main() -> int:
     if missing:
         notes.append(f"Not installed here: {', '.join(missing)}. † = measured with the zstd CLI "
                      f"({zstd_cli(['--version']).decode().strip() if shutil.which('zstd') else 'absent'}) at the same "
-                     "level: `zstd --patch-from` for zstd-patch-from, sidecar.delta's onnx-tensor container piped "
+                     "level: `zstd --patch-from` for zstd-patch-from, sidecar.delta_onnx's onnx-tensor container piped "
                      "through `zstd` (without the structure dictionary) for onnx-tensor, and the zstd full file; "
                      "times include the CLI's process start and file I/O.")
     lines += ([""] + notes if notes else []) + ["", f"Command: `{' '.join(['python', 'benchmarks/delta_sizes.py', *sys.argv[1:]])}`", ""]

@@ -27,7 +27,8 @@ from builder.input_fusion import fuse_input_conversion
 from builder.model_inspect import ModelInterface, inspect_onnx
 from builder.spec import PipelineSpec
 from builder.targets import TargetProfile, make_target
-from builder.triton_config import ModelConfig, write_config
+from builder.triton_config import ModelConfig
+from builder.triton_config_render import write_config
 
 if TYPE_CHECKING:
     from builder.optimize.variants import Variant

@@ -1,4 +1,4 @@
-"""config.pbtxt -> ModelConfig: the inverse of builder.triton_config.render.
+"""config.pbtxt -> ModelConfig: the inverse of builder.triton_config_render.render.
 
 text_format.Parse into Triton's ModelConfig message, json_format.MessageToDict with proto field
 names (as pytriton's model_config parser does), then the dataclasses, which validate themselves.
@@ -157,8 +157,9 @@ def from_proto(message: model_config_pb2.ModelConfig) -> ModelConfig:
     return from_dict(json_format.MessageToDict(message, preserving_proto_field_name=True))
 
 
-def parse_text(text: str) -> ModelConfig:
-    """Parse config.pbtxt text into a ModelConfig; syntax and schema errors raise ConfigError."""
+def parse(text: str) -> ModelConfig:
+    """Parse config.pbtxt text into a ModelConfig (inverse of render); syntax and schema errors raise
+    ConfigError."""
     try:
         message = text_format.Parse(text, model_config_pb2.ModelConfig())
     except text_format.ParseError as exc:

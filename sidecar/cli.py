@@ -47,7 +47,7 @@ def _json_file(path: str, what: str):
 
 
 def _load_keys(folder: Path, prefix: str) -> list:
-    from sidecar.trust import load_private_key
+    from sidecar.keys import load_private_key
 
     return [load_private_key(p) for p in sorted(folder.glob(f"{prefix}-*.pem"))]
 
@@ -62,7 +62,7 @@ def _new_key_folder(folder: Path) -> None:
 
 
 def _write_keys(folder: Path, prefix: str, keys: list) -> None:
-    from sidecar.trust import key_id, save_private_key
+    from sidecar.keys import key_id, save_private_key
 
     for i, key in enumerate(keys, start=1):
         save_private_key(key, folder / f"{prefix}-{i}.pem")
@@ -85,7 +85,8 @@ def _check_counts(args: argparse.Namespace) -> None:
 
 
 def cmd_keys_init(args: argparse.Namespace) -> int:
-    from sidecar.trust import expires_in, generate_key, make_root, sign, verify_root_self_signed
+    from sidecar.keys import generate_key
+    from sidecar.trust import expires_in, make_root, sign, verify_root_self_signed
 
     _check_counts(args)
     folder = Path(args.dir)
@@ -108,8 +109,9 @@ def cmd_keys_init(args: argparse.Namespace) -> int:
 
 def cmd_keys_rotate(args: argparse.Namespace) -> int:
     from sidecar.errors import SidecarError
-    from sidecar.trust import (BUNDLE_ROLE, ROOT_ROLE, expires_in, generate_key, key_id, make_root, sign,
-                               verify_root_self_signed, verify_root_update)
+    from sidecar.keys import generate_key, key_id
+    from sidecar.trust import (BUNDLE_ROLE, ROOT_ROLE, expires_in, make_root, sign, verify_root_self_signed,
+                               verify_root_update)
 
     _check_counts(args)
     old_dir, new_dir = Path(args.dir), Path(args.new_dir)
@@ -146,7 +148,8 @@ def cmd_keys_rotate(args: argparse.Namespace) -> int:
 def cmd_bundle_create(args: argparse.Namespace) -> int:
     from sidecar.bundle import create_bundle, read_signed_unverified
     from sidecar.errors import SidecarError
-    from sidecar.trust import BUNDLE_ROLE, expires_in, key_id, verify_root_self_signed
+    from sidecar.keys import key_id
+    from sidecar.trust import BUNDLE_ROLE, expires_in, verify_root_self_signed
 
     key_dir = Path(args.keys)
     keys = _load_keys(key_dir, "bundle")

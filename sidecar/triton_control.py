@@ -1,7 +1,7 @@
 """Explicit model control of the serving Triton (tritonclient.http), as the update agent needs it.
 
 Triton runs with --model-control-mode=explicit. Every load sends a config override built from the
-model's config.pbtxt on disk (parsed with builder.triton_config), so what is served never depends on
+model's config.pbtxt on disk (parsed with builder.triton_config_parse), so what is served never depends on
 which version folders happen to exist:
 
   load_detector([1, 2])  the detector with version_policy {specific: [1, 2]} (both versions loaded)
@@ -27,7 +27,7 @@ from typing import Any, Callable, TypeVar
 
 import numpy as np
 
-from builder import triton_config
+from builder import triton_config, triton_config_render
 from builder.errors import BuilderError
 from sidecar.errors import TritonControlError
 
@@ -105,7 +105,7 @@ class TritonControl:
             message = text_format.Parse(path.read_text(encoding="utf-8"), model_config_pb2.ModelConfig())
             if message.version_policy.WhichOneof("policy_choice") == "specific":
                 message.ClearField("version_policy")
-            return triton_config.to_dict(from_proto(message))
+            return triton_config_render.to_dict(from_proto(message))
         except (OSError, BuilderError, text_format.ParseError) as exc:
             raise TritonControlError(f"cannot read the configuration of {model} ({path}): {exc}") from exc
 
@@ -116,7 +116,7 @@ class TritonControl:
         from sidecar.trust import atomic_write
 
         path = self.repository / model / triton_config.CONFIG_FILENAME
-        text = text_format.MessageToString(triton_config.dict_to_proto(config), as_utf8=True)
+        text = text_format.MessageToString(triton_config_render.dict_to_proto(config), as_utf8=True)
         try:
             if path.read_text(encoding="utf-8") == text:
                 return

@@ -1,6 +1,6 @@
-"""Keys, signed metadata and the device's trust state: a compact form of The Update Framework (TUF).
+"""Signed metadata and the device's trust state: a compact form of The Update Framework (TUF).
 
-Two roles, both threshold-signed with Ed25519:
+Two roles, both threshold-signed with Ed25519 (keys, key ids and key files: sidecar/keys.py):
   root    signs root metadata: which keys exist and which keys (and how many) each role needs.
   bundle  signs bundle metadata: one model version's files, hashes and checks (see sidecar/bundle.py).
 
@@ -8,6 +8,9 @@ Envelope: {"signed": {...}, "signatures": [{"keyid": hex, "sig": hex}, ...]}. A 
 canonical JSON of `signed` (sorted keys, compact separators, UTF-8, no NaN), so whitespace or key order of
 the file never matters. A keyid is the sha256 of the raw 32-byte public key, and a root's `keys` must use
 exactly those ids, so one key can never be counted twice under two names.
+
+Here: metadata times and expiry, signing and threshold verification of envelopes, root metadata (Root,
+rotation) and TrustStore, the device's persisted newest root and per-model version floors.
 
 Defended (TUF's names): arbitrary software (bundle-role threshold), key compromise (thresholds; root rotation
 signed by the old AND the new root keys), freeze (expired bundle metadata or trusted root: ExpiredError),
@@ -25,13 +28,13 @@ import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence, Union
+from typing import Any, Iterable, Mapping, Sequence
 
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
-from cryptography.hazmat.primitives import serialization
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from sidecar.errors import ExpiredError, RollbackError, SignatureError, StateError, TrustError
+from sidecar.keys import AnyKey, key_id, public_from_hex, public_hex
 
 log = logging.getLogger(__name__)
 
@@ -42,77 +45,6 @@ ROOT_FILE = "root.json"
 VERSIONS_FILE = "versions.json"
 VERSIONS_FORMAT = 1
 TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
-
-AnyKey = Union[Ed25519PrivateKey, Ed25519PublicKey]
-
-
-# --- keys ---------------------------------------------------------------------------------------------
-
-def generate_key() -> Ed25519PrivateKey:
-    return Ed25519PrivateKey.generate()
-
-
-def _public(key: AnyKey) -> Ed25519PublicKey:
-    return key.public_key() if isinstance(key, Ed25519PrivateKey) else key
-
-
-def public_hex(key: AnyKey) -> str:
-    """The raw 32-byte public key as hex (what root metadata lists)."""
-    return _public(key).public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw).hex()
-
-
-def key_id(public_key: AnyKey) -> str:
-    """sha256 hex of the raw public key bytes (a private key is reduced to its public half)."""
-    return hashlib.sha256(bytes.fromhex(public_hex(public_key))).hexdigest()
-
-
-def public_from_hex(text: str) -> Ed25519PublicKey:
-    try:
-        return Ed25519PublicKey.from_public_bytes(bytes.fromhex(text))
-    except (ValueError, TypeError) as exc:
-        raise TrustError(f"not an Ed25519 public key: {text!r:.80}") from exc
-
-
-def save_private_key(key: Ed25519PrivateKey, path: Path, *, overwrite: bool = False) -> Path:
-    """Unencrypted PKCS#8 PEM, created with mode 0600 (never world- or group-readable, even briefly)."""
-    path = Path(path)
-    data = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
-    flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if overwrite else os.O_EXCL)
-    fd = os.open(path, flags, 0o600)
-    try:
-        os.fchmod(fd, 0o600)
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    return path
-
-
-def _load_pem(path: Path, kind: type, private: bool):
-    try:
-        data = Path(path).read_bytes()
-        key = (serialization.load_pem_private_key(data, password=None) if private
-               else serialization.load_pem_public_key(data))
-    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
-        raise TrustError(f"{path}: not a readable unencrypted PEM key ({exc})") from exc
-    if not isinstance(key, kind):
-        raise TrustError(f"{path}: not an {kind.__name__}")
-    return key
-
-
-def load_private_key(path: Path) -> Ed25519PrivateKey:
-    return _load_pem(path, Ed25519PrivateKey, private=True)
-
-
-def save_public_key(key: AnyKey, path: Path) -> Path:
-    Path(path).write_bytes(_public(key).public_bytes(serialization.Encoding.PEM,
-                                                     serialization.PublicFormat.SubjectPublicKeyInfo))
-    return Path(path)
-
-
-def load_public_key(path: Path) -> Ed25519PublicKey:
-    return _load_pem(path, Ed25519PublicKey, private=False)
 
 
 # --- time -----------------------------------------------------------------------------------------------

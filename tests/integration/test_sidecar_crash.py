@@ -26,9 +26,10 @@ from typing import Iterator
 import pytest
 
 from edgestack.server import TritonServer, free_port
+from sidecar.keys import generate_key
 from sidecar.state import TERMINAL, State, StateStore
 from sidecar.triton_control import TritonControl
-from sidecar.trust import TrustStore, generate_key, make_root, sign
+from sidecar.trust import TrustStore, make_root, sign
 from tests.conftest import ROOT
 from tests.integration.conftest import assert_stopped, render
 from sidecar.bundle import create_bundle

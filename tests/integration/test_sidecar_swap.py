@@ -1,7 +1,7 @@
 """The sidecar's update agent against a real tritonserver in explicit model-control mode, with real files.
 
 One server for the module (explicit mode, started empty and restored to v1); each test starts from v1
-only, with a fresh trust store and agent state. Bundles are signed with sidecar.trust keys from copies of
+only, with a fresh trust store and agent state. Bundles are signed with fresh keys (sidecar.keys) from copies of
 the rendered detector folder: the same model (a good v2), an ONNX graph with its boxes shifted (wrong
 outputs), a model.py that sleeps (too slow) and one that raises in initialize (crashes on load).
 """
@@ -26,9 +26,10 @@ from sidecar.agent import Agent
 from sidecar.bundle import create_bundle
 from sidecar.bundle_types import ExpectedOutput
 from sidecar.errors import BundleError, DiskSpaceError, HealthGateError, TritonControlError
+from sidecar.keys import generate_key
 from sidecar.state import StateStore
 from sidecar.triton_control import TritonControl
-from sidecar.trust import TrustStore, format_time, generate_key, make_root, sign
+from sidecar.trust import TrustStore, format_time, make_root, sign
 from tests.conftest import IMAGES
 from tests.integration.conftest import assert_stopped, render
 

@@ -35,7 +35,8 @@ from builder.optimize.variants import Variant, load_variant, save_variant
 from builder.repository import render_repository, target_for
 from builder.spec import load_spec
 from builder.targets import IntelTarget, make_target
-from builder.triton_config import CONFIG_FILENAME, parse
+from builder.triton_config import CONFIG_FILENAME
+from builder.triton_config_parse import parse
 from tests.conftest import IMAGES, MODEL, SPEC
 
 INPUT = "tower_0/images:0"

@@ -16,7 +16,8 @@ from builder.model_inspect import DYNAMIC, inspect_onnx
 from builder.repository import check_interface, render_repository, target_for
 from builder.spec import load_spec
 from builder.targets import make_target
-from builder.triton_config import CONFIG_FILENAME, parse
+from builder.triton_config import CONFIG_FILENAME
+from builder.triton_config_parse import parse
 from tests.conftest import MODEL
 
 REPO = Path(__file__).resolve().parents[2]
@@ -438,7 +439,7 @@ def test_tensorrt_plan_configs(spec, interface):
     assert configs.ensemble.max_batch_size == 1
     assert configs.ensemble.ensemble_steps[1].model_name == detector.name
     # the rendered text is valid Triton configuration and reads back the same
-    from builder.triton_config import render
+    from builder.triton_config_render import render
 
     text = render(detector)
     message = text_format.Parse(text, model_config_pb2.ModelConfig())

@@ -19,7 +19,8 @@ from sidecar import bundle as B
 from sidecar import cli
 from sidecar.bundle_types import ExpectedOutput, VerifiedBundle
 from sidecar.errors import BundleError, DiskSpaceError, ExpiredError, RollbackError, SignatureError
-from sidecar.trust import TrustStore, canonical_json, format_time, generate_key, make_root, sign
+from sidecar.keys import generate_key
+from sidecar.trust import TrustStore, canonical_json, format_time, make_root, sign
 from tests.conftest import MODEL
 
 NOW = datetime(2030, 1, 1, tzinfo=timezone.utc)

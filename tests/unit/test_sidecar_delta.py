@@ -16,6 +16,7 @@ import onnx
 import pytest
 
 from sidecar import delta as D
+from sidecar import delta_onnx
 from sidecar.errors import DeltaError
 from tests.conftest import MODEL
 
@@ -84,8 +85,8 @@ def cases(base, tmp_path_factory) -> dict[str, tuple[bytes, bytes]]:
 @pytest.fixture(autouse=True)
 def fast_levels(monkeypatch):
     # Compression levels change sizes, never correctness; level 19 on 8 MB takes seconds.
-    for name in ("PATCH_LEVEL", "TENSOR_LEVEL", "FULL_LEVEL"):
-        monkeypatch.setattr(D, name, 3)
+    for module, name in ((D, "PATCH_LEVEL"), (delta_onnx, "TENSOR_LEVEL"), (D, "FULL_LEVEL")):
+        monkeypatch.setattr(module, name, 3)
 
 
 def container_index(container: bytes) -> dict:
@@ -100,7 +101,7 @@ def test_changed_tensors_are_found_as_expected(base, cases):
     assert len(head_names) == 6
     kinds = {}
     for name in ("metadata", "head", "full"):
-        index = container_index(D._tensor_pack(*cases[name]))
+        index = container_index(delta_onnx._tensor_pack(*cases[name]))
         assert index["mode"] == "proto"  # onnx re-serializes this file byte-stably
         kinds[name] = [r["k"] for r in index["records"]]
     assert set(kinds["metadata"]) == {"same"}
@@ -120,16 +121,16 @@ def test_container_round_trips_byte_identically(cases, name):
     if name not in cases:
         pytest.skip("onnxruntime.quantization not available")
     base, new = cases[name]
-    assert D._tensor_unpack(base, D._tensor_pack(base, new)) == new
+    assert delta_onnx._tensor_unpack(base, delta_onnx._tensor_pack(base, new)) == new
 
 
 def test_layout_mode_when_reserialization_is_not_byte_stable(cases):
     base, new = cases["head"]
     odd = b"\x08\x07" + new  # a duplicated ir_version field: parses the same, re-serializes without it
     assert onnx.load_from_string(odd).SerializeToString(deterministic=True) != odd
-    container = D._tensor_pack(base, odd)
+    container = delta_onnx._tensor_pack(base, odd)
     assert container_index(container)["mode"] == "layout"
-    assert D._tensor_unpack(base, container) == odd
+    assert delta_onnx._tensor_unpack(base, container) == odd
 
 
 # ---------------------------------------------------------------- framing, through test-only methods
@@ -147,7 +148,8 @@ def fake_methods(monkeypatch):
         "copy": D._Method(lambda base, new: new, spy_decode, ()),
         "padded": D._Method(lambda base, new: new + b"\0" * 64, lambda b, p, h: p[:-64], ()),
         "liar": D._Method(lambda base, new: new[:1], lambda b, p, h: p, ()),  # smallest, never verifies
-        "tensor-raw": D._Method(D._tensor_pack, lambda b, p, h: D._tensor_unpack(b, p), ("numpy",)),
+        "tensor-raw": D._Method(delta_onnx._tensor_pack, lambda b, p, h: delta_onnx._tensor_unpack(b, p),
+                                ("numpy",)),
     })
     monkeypatch.setattr(D, "_METHODS", methods)
     return calls
@@ -195,7 +197,7 @@ def test_corrupt_delta_is_refused(fake_methods, cases, damage):
 
 def test_corrupt_payload_with_a_consistent_header_is_caught_by_the_decoder_or_result_hash(fake_methods, cases):
     base, new = cases["head"]
-    payload = D._tensor_pack(base, new)
+    payload = delta_onnx._tensor_pack(base, new)
     for damaged in (payload[:-7], payload[:20] + b"{" + payload[21:], payload[:-5000] + bytes(5000)):
         with pytest.raises(DeltaError):
             D.apply_delta(base, D._frame("tensor-raw", base, new, damaged))

@@ -1,4 +1,5 @@
-"""sidecar.trust: Ed25519 keys, threshold-signed envelopes, root rotation, freeze and rollback protection."""
+"""sidecar.keys and sidecar.trust: Ed25519 keys, threshold-signed envelopes, root rotation, freeze and rollback
+protection."""
 from __future__ import annotations
 
 import hashlib
@@ -10,8 +11,8 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 
 from sidecar.errors import ExpiredError, RollbackError, SignatureError, StateError, TrustError
-from sidecar.trust import (TrustStore, canonical_json, expires_in, format_time, generate_key, key_id, load_private_key,
-                           load_public_key, make_root, save_private_key, save_public_key, sign, verify)
+from sidecar.keys import generate_key, key_id, load_private_key, load_public_key, save_private_key, save_public_key
+from sidecar.trust import TrustStore, canonical_json, expires_in, format_time, make_root, sign, verify
 
 NOW = datetime(2030, 1, 1, tzinfo=timezone.utc)
 LATER = format_time(NOW + timedelta(days=365))

@@ -1,4 +1,5 @@
-"""builder.triton_config: dataclasses -> Triton protobuf -> config.pbtxt and back."""
+"""builder.triton_config (dataclasses) -> triton_config_render (Triton protobuf, config.pbtxt) and back with
+triton_config_parse."""
 from __future__ import annotations
 
 import dataclasses
@@ -18,14 +19,10 @@ from builder.triton_config import (
     Optimization,
     TensorConfig,
     WarmupInput,
-    dict_to_proto,
-    parse,
-    render,
-    to_dict,
-    to_proto,
     triton_dtype,
-    write_config,
 )
+from builder.triton_config_parse import parse
+from builder.triton_config_render import dict_to_proto, render, to_dict, to_proto, write_config
 
 
 def raw(text: str) -> model_config_pb2.ModelConfig:
@@ -371,7 +368,7 @@ def test_unknown_field_in_dict_maps_to_config_error():
 
 
 def test_bad_enum_in_dict_maps_to_config_error(monkeypatch):
-    import builder.triton_config as tc
+    import builder.triton_config_render as tc
 
     def broken(config):
         data = to_dict(config)
