@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from sidecar.errors import StateError
-from sidecar.trust import atomic_write
+from sidecar.durable import atomic_write
 
 STATE_FORMAT = 1
 MAX_HISTORY = 500

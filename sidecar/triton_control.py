@@ -113,7 +113,7 @@ class TritonControl:
         """config.pbtxt := config, atomically, and only when the text changes."""
         from google.protobuf import text_format
 
-        from sidecar.trust import atomic_write
+        from sidecar.durable import atomic_write
 
         path = self.repository / model / triton_config.CONFIG_FILENAME
         text = text_format.MessageToString(triton_config_render.dict_to_proto(config), as_utf8=True)

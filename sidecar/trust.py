@@ -23,8 +23,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -33,6 +31,7 @@ from typing import Any, Iterable, Mapping, Sequence
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from sidecar.durable import atomic_write
 from sidecar.errors import ExpiredError, RollbackError, SignatureError, StateError, TrustError
 from sidecar.keys import AnyKey, key_id, public_from_hex, public_hex
 
@@ -255,27 +254,6 @@ def verify_root_update(current: Root, new_envelope: Any, now: datetime | None = 
 
 
 # --- the device's trust state ----------------------------------------------------------------------------
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write tmp in the same folder, fsync, rename over path, fsync the folder: old or new, never half."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), 0o644)
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
 
 def metadata_sha256(signed: Mapping[str, Any]) -> str:
     return hashlib.sha256(canonical_json(signed)).hexdigest()

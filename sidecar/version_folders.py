@@ -15,7 +15,7 @@ from typing import Iterable, Mapping
 
 from sidecar.durable import copy_synced, fsync_dir
 from sidecar.errors import DiskSpaceError
-from sidecar.trust import atomic_write
+from sidecar.durable import atomic_write
 
 STAGING_PREFIX = ".staging-"
 TRASH_PREFIX = ".trash-"
