@@ -15,6 +15,8 @@
 #   HTTP_PORT           8000     GRPC_PORT 8001     METRICS_PORT 8002
 #   TRITON_LOG          file the server log is appended to. Empty (default): `edgestack serve`
 #                       discards it and tritonserver prints it on stdout; /dev/stdout: stdout for both.
+#   MODEL_CONTROL_MODE  none (default) or explicit: every model is loaded at start and the repository
+#                       load/unload API is open, so the sidecar can swap versions
 #   tritonserver mode only:
 #   BIND_ADDRESS        address of the HTTP and gRPC endpoints (default 0.0.0.0)
 #   TRITONSERVER        the binary (default: tritonserver on PATH)
@@ -30,6 +32,7 @@ HTTP_PORT=${HTTP_PORT:-8000}
 GRPC_PORT=${GRPC_PORT:-8001}
 METRICS_PORT=${METRICS_PORT:-8002}
 TRITON_LOG=${TRITON_LOG:-}
+MODEL_CONTROL_MODE=${MODEL_CONTROL_MODE:-none}
 
 die() {
     echo "entrypoint: $*" >&2
@@ -45,6 +48,10 @@ check_port() {
 check_port HTTP_PORT "$HTTP_PORT"
 check_port GRPC_PORT "$GRPC_PORT"
 check_port METRICS_PORT "$METRICS_PORT"
+case "$MODEL_CONTROL_MODE" in
+    none | explicit) ;;
+    *) die "MODEL_CONTROL_MODE must be 'none' or 'explicit', got '$MODEL_CONTROL_MODE'" ;;
+esac
 [ -d "$MODEL_REPOSITORY" ] || die "MODEL_REPOSITORY $MODEL_REPOSITORY is not a directory (render one with: edgestack build --out $MODEL_REPOSITORY)"
 
 case "$EDGESTACK_SERVER" in
@@ -53,7 +60,8 @@ case "$EDGESTACK_SERVER" in
             set -- --log "$TRITON_LOG" "$@"
         fi
         exec edgestack serve "$MODEL_REPOSITORY" \
-            --http-port "$HTTP_PORT" --grpc-port "$GRPC_PORT" --metrics-port "$METRICS_PORT" "$@"
+            --http-port "$HTTP_PORT" --grpc-port "$GRPC_PORT" --metrics-port "$METRICS_PORT" \
+            --model-control "$MODEL_CONTROL_MODE" "$@"
         ;;
     tritonserver)
         BIND_ADDRESS=${BIND_ADDRESS:-0.0.0.0}
@@ -67,6 +75,9 @@ case "$EDGESTACK_SERVER" in
         fi
         if [ -n "$TRITON_BACKEND_DIR" ]; then
             set -- --backend-directory="$TRITON_BACKEND_DIR" "$@"
+        fi
+        if [ "$MODEL_CONTROL_MODE" = explicit ]; then
+            set -- --model-control-mode=explicit --load-model='*' "$@"
         fi
         # The flags of edgestack.server.TritonServer.command, listening on BIND_ADDRESS.
         exec "$TRITONSERVER" \

@@ -67,7 +67,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: stop.set())
     server = TritonServer(Path(args.repository), http_port=args.http_port, grpc_port=args.grpc_port,
                           metrics_port=args.metrics_port, log_path=Path(args.log) if args.log else None,
-                          address=args.address)
+                          address=args.address,
+                          explicit_models=["*"] if args.model_control == "explicit" else None)
     server.start(should_stop=stop.is_set)
     try:
         if not stop.is_set():
@@ -127,6 +128,9 @@ def make_parser() -> argparse.ArgumentParser:
     serve.add_argument("--metrics-port", type=int, default=DEFAULT_PORTS["metrics"])
     serve.add_argument("--address", default="127.0.0.1", help="address to listen on (0.0.0.0 in a container)")
     serve.add_argument("--log", help="append the server's log to this file (default: discard)")
+    serve.add_argument("--model-control", choices=["none", "explicit"], default="none",
+                       help="explicit: load every model at start and accept the repository load/unload API "
+                            "(what the sidecar needs to own the served versions)")
     serve.set_defaults(func=cmd_serve)
 
     detect = sub.add_parser("detect", help="detect objects in images through a running server; prints JSON lines",

@@ -89,3 +89,15 @@ def add_commands(subparsers) -> None:
     rollback.add_argument("--reason", required=True, help="recorded in the history and with the bad bundle")
     root = command("root", "key rotation: make the daemon trust the next root.json (from `edgestack keys rotate`)")
     root.add_argument("root_json", metavar="ROOT_JSON")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m sidecar.ctl_cli status|versions|history|install|rollback|root ...` (no edgestack CLI needed)."""
+    parser = argparse.ArgumentParser(prog="python -m sidecar.ctl_cli", description=__doc__.split("\n\n")[0])
+    add_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

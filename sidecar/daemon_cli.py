@@ -22,7 +22,10 @@ def add_options(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--triton-http", required=True, metavar="HOST:PORT",
                         help="Triton's HTTP endpoint (Triton runs with --model-control-mode=explicit)")
     parser.add_argument("--state-dir", required=True, help="the agent's state, staging and downloads folder")
-    parser.add_argument("--trust-dir", required=True, help="the TrustStore folder (root.json already initialized)")
+    parser.add_argument("--trust-dir", required=True, help="the TrustStore folder")
+    parser.add_argument("--root", metavar="ROOT_JSON",
+                        help="the root.json shipped in the device image: trusted on first start when the trust "
+                             "store has none (later roots arrive by rotation: POST /root)")
     parser.add_argument("--port", type=int, default=8010, help="port of the API on 127.0.0.1 (default 8010)")
     parser.add_argument("--detector-model", default="detect_detector")
     parser.add_argument("--ensemble-model", default="detect")
@@ -76,8 +79,11 @@ def run(args: argparse.Namespace) -> int:
         except BlockingIOError:
             raise SidecarError(f"another sidecar daemon owns {args.state_dir}") from None
         trust = TrustStore(Path(args.trust_dir))
+        if not trust.initialized and args.root:
+            trust.initialize(json.loads(Path(args.root).read_text(encoding="utf-8")))
+            _log(event="root_initialized", root=args.root, root_version=trust.root.version)
         if not trust.initialized:
-            raise SidecarError(f"trust store {args.trust_dir} has no root.json: initialize it first")
+            raise SidecarError(f"trust store {args.trust_dir} has no root.json: start with --root ROOT_JSON")
         agent = Agent(Path(args.repository), args.triton_http, Path(args.state_dir), trust,
                       detector_model=args.detector_model, ensemble_model=args.ensemble_model,
                       keep_versions=args.keep_versions, min_free_bytes=args.min_free_bytes,

@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -125,6 +126,27 @@ def test_sidecar_shares_the_model_repository_volume_with_triton(compose):
     assert sidecar["depends_on"]["triton"]["condition"] == "service_healthy"
 
 
+def test_sidecar_service_runs_the_daemon_against_an_explicit_mode_triton(compose):
+    """The sidecar's command is one the daemon accepts, aimed at the triton service, with its state on a volume
+    and the image's root.json; triton runs in explicit model-control mode so its load/unload API is open."""
+    import argparse
+
+    from sidecar.daemon_cli import add_options
+
+    services = compose["services"]
+    sidecar = services["sidecar"]
+    args = add_options(argparse.ArgumentParser()).parse_args(sidecar["command"])
+    assert args.repository == "/models" and args.triton_http == "triton:8000"
+    assert args.root == "/etc/edgestack/root.json"
+    state_mounts = {v.split(":")[1]: v.split(":")[0] for v in sidecar["volumes"]}
+    assert Path(args.state_dir).parent.as_posix() in state_mounts and Path(args.trust_dir).parent.as_posix() in state_mounts
+    assert state_mounts[Path(args.state_dir).parent.as_posix()] in compose["volumes"], "sidecar state on a named volume"
+    assert sidecar["build"]["additional_contexts"]["keys"].startswith("${EDGESTACK_KEYS")
+    for name in TRITON_SERVICES:
+        assert services[name]["environment"]["MODEL_CONTROL_MODE"] == "explicit"
+    assert "**/*.pem" in (ROOT / ".dockerignore").read_text().splitlines(), "private keys must stay out of images"
+
+
 def test_cloud_profile_serves_the_fallback_on_other_ports(compose):
     cloud = [s for s in compose["services"].values() if "cloud" in s.get("profiles", [])]
     assert len(cloud) == 1
@@ -238,9 +260,18 @@ def test_cpu_image_is_python_slim_and_serves_with_edgestack_by_default():
     assert "EDGESTACK_SERVER=edgestack" in env
 
 
-def test_sidecar_image_runs_the_sidecar_module():
-    runtime = parse_dockerfile(DOCKERFILES["sidecar"])[-1]
-    assert runtime.args_of("CMD") == ['["python", "-m", "sidecar"]']
+def test_sidecar_image_runs_the_sidecar_module_with_the_image_root():
+    stages = parse_dockerfile(DOCKERFILES["sidecar"])
+    runtime = stages[-1]
+    assert runtime.args_of("ENTRYPOINT") == ['["python", "-m", "sidecar"]']
+    cmd = json.loads(runtime.args_of("CMD")[0])
+    assert cmd[cmd.index("--root") + 1] == "/etc/edgestack/root.json"
+    assert "--from=keys /root.json /etc/edgestack/root.json" in runtime.args_of("COPY")
+    keys = next(s for s in stages if s.name == "keys")
+    assert keys.base == "scratch" and keys.args_of("COPY") == ["keys/root.json /root.json"], "only root.json"
+    deps = " ".join(next(s for s in stages if s.name == "deps").args_of("RUN"))
+    for package in ("cryptography", "bsdiff4", "zstandard", "tritonclient", "opencv-python-headless", "pillow"):
+        assert package in deps, f"the sidecar image does not install {package}"
 
 
 # --- entrypoint ------------------------------------------------------------------------------
@@ -264,6 +295,7 @@ def test_entrypoint_is_posix_sh():
     ({"HTTP_PORT": "80a"}, "HTTP_PORT must be a port number"),
     ({"METRICS_PORT": "-1"}, "METRICS_PORT must be a port number"),
     ({"MODEL_REPOSITORY": "/nonexistent/models"}, "is not a directory"),
+    ({"MODEL_CONTROL_MODE": "poll"}, "MODEL_CONTROL_MODE must be 'none' or 'explicit'"),
 ])
 def test_entrypoint_refuses_bad_settings(tmp_path, env, message):
     result = subprocess.run(["sh", str(ENTRYPOINT)], env={"PATH": os.environ["PATH"], "MODEL_REPOSITORY": str(tmp_path), **env},
@@ -272,19 +304,22 @@ def test_entrypoint_refuses_bad_settings(tmp_path, env, message):
     assert message in result.stderr
 
 
-def test_entrypoint_runs_tritonserver_with_the_flags_of_edgestack_server(tmp_path):
-    """The GPU image's mode passes what edgestack.server passes, listening on BIND_ADDRESS."""
+@pytest.mark.parametrize("mode", ["none", "explicit"])
+def test_entrypoint_runs_tritonserver_with_the_flags_of_edgestack_server(tmp_path, mode):
+    """The GPU image's mode passes what edgestack.server passes, listening on BIND_ADDRESS; in explicit model
+    control it loads every model at start, as `edgestack serve --model-control explicit` does."""
     fake = tmp_path / "tritonserver"
     fake.write_text('#!/bin/sh\nprintf "%s\\n" "$@"\n')
     fake.chmod(0o755)
     env = {"PATH": os.environ["PATH"], "EDGESTACK_SERVER": "tritonserver", "TRITONSERVER": str(fake),
            "MODEL_REPOSITORY": str(tmp_path), "HTTP_PORT": "18000", "GRPC_PORT": "18001", "METRICS_PORT": "18002",
-           "TRITON_BACKEND_DIR": "/backends", "TRITON_LOG": str(tmp_path / "triton.log")}
+           "TRITON_BACKEND_DIR": "/backends", "TRITON_LOG": str(tmp_path / "triton.log"), "MODEL_CONTROL_MODE": mode}
     result = subprocess.run(["sh", str(ENTRYPOINT), "--strict-readiness=true"], env=env, capture_output=True,
                             text=True, timeout=30)
     assert result.returncode == 0, result.stderr
     flags = result.stdout.split()
-    server = TritonServer(tmp_path, http_port=18000, grpc_port=18001, metrics_port=18002)
+    server = TritonServer(tmp_path, http_port=18000, grpc_port=18001, metrics_port=18002,
+                          explicit_models=["*"] if mode == "explicit" else None)
     expected = server.command(TritonInstall(Path("tritonserver"), Path("/backends"), Path("/lib")))[1:]
     expected = [f.replace("=127.0.0.1", "=0.0.0.0") for f in expected]
     assert sorted(f for f in flags if f not in (f"--log-file={tmp_path / 'triton.log'}", "--strict-readiness=true")) \
@@ -369,7 +404,7 @@ def test_entrypoint_serves_until_sigterm_and_leaves_nothing_behind(server, rende
         install = find_triton()
         env = install.environment(env)
         env.update(TRITONSERVER=str(install.binary), TRITON_BACKEND_DIR=str(install.backend_dir),
-                   BIND_ADDRESS="127.0.0.1")
+                   BIND_ADDRESS="127.0.0.1", MODEL_CONTROL_MODE="explicit")  # as docker-compose.yml runs it
     else:  # `edgestack` on PATH, as in the image
         env["PATH"] = os.pathsep.join((str(BIN), env.get("PATH", "")))
     output = tmp_path / "entrypoint.out"
@@ -395,6 +430,9 @@ def test_entrypoint_serves_until_sigterm_and_leaves_nothing_behind(server, rende
                 assert proc.poll() is None and time.monotonic() < deadline, f"no ready line\n{logs()}"
                 time.sleep(0.1)
             time.sleep(0.5)
+        # every model loaded at start, in either model-control mode
+        with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/v2/models/detect/ready", timeout=5) as response:
+            assert response.status == 200, "the ensemble is not loaded"
         # exec: the entrypoint's PID is the server's now, so the SIGTERM goes to the server itself.
         comm = Path(f"/proc/{proc.pid}/comm").read_text().strip()
         assert comm != "sh", "the entrypoint did not exec the server"
