@@ -13,6 +13,10 @@ measures them against the FP32 model in the same process, same input, same threa
             IoU > 0.8, extra boxes, and the mean correlation of a dense output (--heatmap) with FP32.
   profile   --profile ROW: ORT's profiler, kernel ms per op type and conv kernels by kind, FP32 vs ROW.
 
+  mAP       fidelity mAP@0.5 (builder.optimize.evaluate.fidelity_map, pycocotools): the row's detections down to
+            score 0.05 against FP32's detections above the spec's threshold, the number `edgestack optimize` reports.
+
+Rows named nncf-* quantize with NNCF's ONNX backend (benchmarks/int8_nncf_onnx.py) and run in ORT.
 Findings and the table it printed: docs/INT8.md.
 
 Usage: python benchmarks/int8_explore.py [--threads 1] [--runs 30] [--only NAME,...] [--profile NAME]
@@ -25,7 +29,6 @@ import collections
 import json
 import os
 import platform
-import re
 import sys
 import tempfile
 import time
@@ -39,8 +42,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from backends.postprocess.pipeline import postprocess_image  # noqa: E402
-from backends.preprocess.image_ops import decode_image, prepare_input  # noqa: E402
+from benchmarks import int8_nncf_onnx  # noqa: E402
+from benchmarks.int8_profile import conv_kinds, profile  # noqa: E402
+from builder.optimize import evaluate  # noqa: E402
 from builder.optimize import ort_variants as ov  # noqa: E402
+from builder.optimize.ort_graph import count_ops  # noqa: E402
 from builder.optimize.calibration import IMAGE_SUFFIXES, load_calibration_set  # noqa: E402
 from builder.spec import load_spec  # noqa: E402
 
@@ -58,6 +64,7 @@ class Row:
     level: str = "all"
     config: dict = field(default_factory=dict)    # session config entries
     disabled_optimizers: tuple = ()
+    nncf: dict | None = None                      # model="nncf": int8_nncf_onnx.build options
 
 
 def graph_facts(source: Path) -> dict[str, list[str]]:
@@ -123,11 +130,35 @@ def rows(facts: dict[str, list[str]]) -> list[Row]:
         Row("resize-float", "head + Resize nodes excluded", options={**base, "exclude_nodes": head + facts["resize"]}),
         Row("depthwise-float", "head + all 26 depthwise convs excluded", options={**base, "exclude_nodes": head + facts["depthwise"]}),
         Row("conv-only", "only Conv quantized, all else float",
-            options={**base, "exclude_op_types": tuple(sorted(set(ov._op_types_to_quantize(())) - {"Conv"}))}),
+            options={**base, "exclude_op_types": tuple(sorted(set(ov.op_types_to_quantize(())) - {"Conv"}))}),
         Row("early-float", "head + stem..block 5 float (percentile)",
             options={"calibration": "percentile", "exclude_nodes": head + facts["early"]}),
         Row("backbone-float", "whole backbone + tail float, FPN/heads INT8 (percentile)",
             options={"calibration": "percentile", "exclude_nodes": head + facts["backbone"]}),
+        # NNCF's ONNX backend, run by ORT (head ignored, as build_openvino_int8 does)
+        Row("nncf-as-written", "NNCF QDQ as written (per-channel dw activations, int8 zp, float bias)", model="nncf",
+            nncf={"fix_for_ort": False, "per_channel_activations": True}),
+        Row("nncf", "NNCF, per-tensor activations, uint8 zp + int32 bias for ORT", model="nncf", nncf={}),
+        Row("nncf-performance", "same, preset performance (symmetric activations)", model="nncf",
+            nncf={"preset": "performance"}),
+        Row("nncf-mean-quantile", "same, NNCF MEAN_QUANTILE activation ranges", model="nncf",
+            nncf={"range_estimator": "mean_quantile"}),
+        Row("nncf-no-bias-corr", "same as nncf, fast bias correction off", model="nncf",
+            nncf={"fast_bias_correction": False}),
+        # the FAST_INT8 recipe of builder/optimize/ort_variants.py, one part at a time
+        Row("minmax-mulfold", "head float, minmax, scalar Muls folded", options={**base, "exclude_nodes": head,
+                                                                                 "fold_scalar_muls": True}),
+        Row("mean-quantile", "head float, mean-quantile ranges", options={"calibration": "mean-quantile",
+                                                                          "exclude_nodes": head}),
+        Row("mq-resize-f32", "head float, mean-quantile, Resize float",
+            options={"calibration": "mean-quantile", "float_resize": True, "exclude_nodes": head}),
+        Row("fast", "FAST_INT8: mean-quantile, Resize float, scalar Muls folded (int8-mean-quantile)",
+            options={**ov.FAST_INT8, "exclude_nodes": head}),
+        Row("fast-mean-minmax", "fast with outlier_prob 0 (mean of per-image min/max)",
+            options={**ov.FAST_INT8, "outlier_prob": 0.0, "exclude_nodes": head}),
+        Row("fast-q1e-3", "fast with outlier_prob 1e-3", options={**ov.FAST_INT8, "outlier_prob": 1e-3, "exclude_nodes": head}),
+        Row("fast-q1e-5", "fast with outlier_prob 1e-5", options={**ov.FAST_INT8, "outlier_prob": 1e-5, "exclude_nodes": head}),
+        Row("fast-stem-float", "fast + first conv float", options={**ov.FAST_INT8, "exclude_nodes": head + facts["first_conv"]}),
     ]
 
 
@@ -158,7 +189,7 @@ def executed_counts(path: Path, row: Row) -> dict:
             options.add_session_config_entry(key, value)
         ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"],
                              disabled_optimizers=list(row.disabled_optimizers) or None)
-        return ov._count(onnx.load(options.optimized_model_filepath).graph)
+        return count_ops(onnx.load(options.optimized_model_filepath).graph, executed=True)
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -209,7 +240,8 @@ def main() -> int:
     spec = load_spec(args.spec)
     images = sorted(p for p in Path(args.images).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     calibration = load_calibration_set(Path(args.images), spec.input, spec.limits, args.calibration_count)
-    inputs = [prepare_input(decode_image(p.read_bytes(), spec.limits), spec.input) for p in images]
+    prepared = evaluate.prepare_images(spec, images)
+    inputs = [(tensor, transform) for tensor, transform, _, _ in prepared]
     facts = graph_facts(spec.model_path)
     table = rows(facts)
     if args.only:
@@ -225,6 +257,20 @@ def main() -> int:
     for row in table:
         if row.model == "source":
             paths[row.name] = spec.model_path
+            continue
+        if row.model == "nncf":
+            target = out / row.name
+            if args.rebuild or not (target / ov.MODEL_FILE).is_file():
+                start = time.perf_counter()
+                try:
+                    int8_nncf_onnx.build(spec.model_path, target, list(calibration.tensors), spec.input_name,
+                                         facts["head"], **row.nncf)
+                except Exception as exc:  # noqa: BLE001 - a row that cannot be built is a finding, not a crash
+                    print(f"{row.name}: NNCF failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+                    continue
+                built[row.name] = time.perf_counter() - start
+                print(f"built {row.name} (NNCF) in {built[row.name]:.1f} s", file=sys.stderr)
+            paths[row.name] = target / ov.MODEL_FILE
             continue
         if row.model == "fp32":
             target = out / "fp32"
@@ -246,17 +292,27 @@ def main() -> int:
         paths[row.name] = target / ov.MODEL_FILE
     table = [r for r in table if r.name in paths]
 
-    sessions = {r.name: session(paths[r.name], r, args.threads) for r in table}
+    sessions = {}
+    for r in table:
+        try:
+            sessions[r.name] = session(paths[r.name], r, args.threads)
+        except Exception as exc:  # noqa: BLE001 - a row ORT cannot load is a finding, not a crash
+            print(f"{r.name}: ONNX Runtime cannot load it: {str(exc).strip().splitlines()[0][:200]}", file=sys.stderr)
+    table = [r for r in table if r.name in sessions]
     feed_name, output = spec.input_name, spec.output.name
 
     # fidelity: every image through every session, postprocessed with the shipped thresholds
     post = dict(num_classes=len(spec.classes), score_threshold=spec.thresholds.score, iou_threshold=spec.thresholds.iou,
                 max_detections=spec.thresholds.max_detections, class_agnostic=spec.thresholds.class_agnostic)
-    detections, heatmaps = {}, {}
+    detections, heatmaps, low = {}, {}, {}
     heatmap = args.heatmap if args.heatmap in [o.name for o in sessions["fp32"].get_outputs()] else None
     for name, sess in sessions.items():
         raw = [sess.run([output] + ([heatmap] if heatmap else []), {feed_name: t[None]}) for t, _ in inputs]
         detections[name] = [postprocess_image(r[0][0], spec.output.format, tr, **post) for r, (_, tr) in zip(raw, inputs)]
+        low[name] = [evaluate.ImageDetections(*postprocess_image(r[0][0], spec.output.format, tr,
+                                                                 **{**post, "score_threshold": evaluate.MAP_SCORE_THRESHOLD}),
+                                              width, height, p.name)
+                     for r, (_, tr, width, height), p in zip(raw, prepared, images)]
         heatmaps[name] = [r[1] for r in raw] if heatmap else []
 
     # latency: rotating order per round, batch 1, the same mid-sized image for all
@@ -280,6 +336,8 @@ def main() -> int:
         t = np.asarray(times[row.name])
         counts = executed_counts(paths[row.name], row)
         fid = agreement(detections["fp32"], detections[row.name])
+        fid["map50"] = evaluate.fidelity_map(low["fp32"], low[row.name],
+                                             reference_score_threshold=spec.thresholds.score)["map50"]
         fid["heatmap_corr"] = float(np.mean([np.corrcoef(a.ravel(), b.ravel())[0, 1]
                                              for a, b in zip(heatmaps["fp32"], heatmaps[row.name])])) if heatmap else float("nan")
         results.append({
@@ -294,12 +352,12 @@ def main() -> int:
           f"{args.threads} thread(s), {args.runs} rounds, batch 1, load avg before {load_before:.2f}; "
           f"calibration {len(calibration)} images; fidelity on {len(images)} images vs fp32\n")
     header = ("| row | what | median ms | min ms | speedup | QLinearConv / float Conv | Q / DQ run "
-              "| heatmap corr | same classes | boxes IoU>0.8 | extra |")
+              "| mAP@0.5 | heatmap corr | same classes | boxes IoU>0.8 | extra |")
     print(header)
-    print("|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|")
+    print("|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|")
     for r in results:
         print(f"| {r['name']} | {r['what']} | {r['median_ms']:.1f} | {r['min_ms']:.1f} | {r['speedup']:.2f}x "
-              f"| {r['qlinearconv']} / {r['float_conv']} | {r['q']} / {r['dq']} | {r['heatmap_corr']:.3f} "
+              f"| {r['qlinearconv']} / {r['float_conv']} | {r['q']} / {r['dq']} | {r['map50']:.3f} | {r['heatmap_corr']:.3f} "
               f"| {r['same_classes']}/{r['images']} | {r['matched']}/{r['boxes']} | {r['extra']} |")
     print(f"\nload average after the run: {os.getloadavg()[0]:.2f}; speedup = median over rounds of fp32/row "
           "(paired); heatmap corr = mean Pearson r of tower_0/keypoints vs fp32 over the images")
@@ -318,69 +376,6 @@ def main() -> int:
                 print(f"  {op:<26} {ms:7.2f}  n={n}")
             print("  conv kernels by kind: " + ", ".join(f"{kind} {ms:.2f}" for kind, ms in convs.items()))
     return 0
-
-
-def conv_kinds(source: Path) -> dict[str, str]:
-    """Source Conv name -> stem | depthwise | pointwise | other."""
-    import onnx
-
-    kinds = {}
-    convs = [n for n in onnx.load(str(source)).graph.node if n.op_type == "Conv"]
-    for i, node in enumerate(convs):
-        attrs = {a.name: a for a in node.attribute}
-        group = attrs["group"].i if "group" in attrs else 1
-        kernel = list(attrs["kernel_shape"].ints) if "kernel_shape" in attrs else []
-        kinds[node.name] = ("stem" if i == 0 else "depthwise" if group > 1 else
-                            "pointwise" if kernel == [1, 1] else "other")
-    return kinds
-
-
-def _conv_kind(event: dict, kinds: dict[str, str]) -> str:
-    """Kind of a profiled conv kernel: by source name (QLinearConv keeps it), else by the FP32 weight shape."""
-    base = re.sub(r"(_token_\d+|:0_nchwc|_nchwc)$", "", event["name"][:-len("_kernel_time")])
-    if base in kinds:
-        return kinds[base]
-    shapes = [list(d.values())[0] for d in event["args"].get("input_type_shape", [])]
-    if len(shapes) > 1 and len(shapes[1]) == 4:
-        out_c, in_c, kh, kw = shapes[1]
-        if in_c == 1 and out_c > 1:
-            return "depthwise"
-        if (kh, kw) == (1, 1):
-            return "pointwise"
-        if in_c == 3:
-            return "stem"
-    return "other"
-
-
-def profile(path: Path, row: Row, threads: int, feed_name: str, output: str, x: np.ndarray, runs: int,
-            kinds: dict[str, str]):
-    """ORT's own profiler: kernel ms per run by op type, and conv kernels split by kind."""
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.graph_optimization_level = LEVELS[row.level]
-    options.log_severity_level = 3
-    options.enable_profiling = True
-    with tempfile.TemporaryDirectory() as tmp:
-        options.profile_file_prefix = str(Path(tmp) / "profile")
-        for key, value in row.config.items():
-            options.add_session_config_entry(key, value)
-        sess = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"],
-                                    disabled_optimizers=list(row.disabled_optimizers) or None)
-        for _ in range(runs):
-            sess.run([output], {feed_name: x})
-        events = json.loads(Path(sess.end_profiling()).read_text())
-    total, count, by_kind = collections.Counter(), collections.Counter(), collections.Counter()
-    for e in events:
-        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
-            op = e["args"]["op_name"]
-            total[op] += e["dur"]
-            count[op] += 1
-            if op in ("Conv", "FusedConv", "QLinearConv"):
-                by_kind[_conv_kind(e, kinds)] += e["dur"]
-    rows_out = [(op, us / runs / 1e3, count[op] // runs) for op, us in total.most_common()]
-    rows_out.append(("TOTAL", sum(total.values()) / runs / 1e3, sum(count.values()) // runs))
-    return rows_out, {kind: us / runs / 1e3 for kind, us in by_kind.most_common()}
 
 
 if __name__ == "__main__":

@@ -18,9 +18,10 @@ from builder.optimize.variants import Variant, VariantRunner, save_variant
 from builder.spec import PipelineSpec
 
 QUANT_CALIBRATIONS = ("minmax", "entropy", "percentile")
-KNOWN_VARIANTS = ("fp32", "fp16", *(f"int8-{c}" for c in QUANT_CALIBRATIONS), "ov-fp32", "ov-fp16", "ov-int8",
-                  "trt-fp16", "trt-int8")
-DEFAULT_VARIANTS = ("fp32", "int8-entropy", "ov-fp32", "ov-int8")
+# int8-mean-quantile: the FAST_INT8 recipe of ort_variants (mean-quantile ranges, Resize float, scalar Muls folded)
+KNOWN_VARIANTS = ("fp32", "fp16", *(f"int8-{c}" for c in QUANT_CALIBRATIONS), "int8-mean-quantile", "ov-fp32",
+                  "ov-fp16", "ov-int8", "trt-fp16", "trt-int8")
+DEFAULT_VARIANTS = ("fp32", "int8-entropy", "int8-mean-quantile", "ov-fp32", "ov-int8")
 
 
 @dataclass(frozen=True)
@@ -56,8 +57,8 @@ def _builders(spec: PipelineSpec, settings: OptimizeSettings, calibration: Calib
     source = spec.model_path
     head = ort.default_head_exclusions(source) if settings.keep_head_float else ()
 
-    def int8(method: str) -> Callable[[Path], Variant]:
-        options = ort.QuantOptions(calibration=method, per_channel=settings.per_channel,
+    def int8(**recipe) -> Callable[[Path], Variant]:
+        options = ort.QuantOptions(**recipe, per_channel=settings.per_channel,
                                    symmetric_activations=settings.symmetric_activations, exclude_nodes=tuple(head))
         return lambda out: ort.build_int8(source, out, calibration, spec.input_name, options)
 
@@ -70,7 +71,8 @@ def _builders(spec: PipelineSpec, settings: OptimizeSettings, calibration: Calib
         "trt-fp16": lambda out: build_tensorrt(source, out, "fp16"),
         "trt-int8": lambda out: build_tensorrt(source, out, "int8", calibration=calibration),
     }
-    builders.update({f"int8-{m}": int8(m) for m in QUANT_CALIBRATIONS})
+    builders.update({f"int8-{m}": int8(calibration=m) for m in QUANT_CALIBRATIONS})
+    builders["int8-mean-quantile"] = int8(**ort.FAST_INT8)
     return builders
 
 

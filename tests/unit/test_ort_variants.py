@@ -19,6 +19,7 @@ from backends.postprocess.pipeline import postprocess_image
 from backends.preprocess.image_ops import decode_image, prepare_input
 from builder.errors import BuilderError
 from builder.optimize import ort_variants as ov
+from builder.optimize.manifest import sha256_file
 from builder.optimize.calibration import CalibrationSet, load_calibration_set
 from builder.optimize.variants import Variant
 from builder.spec import load_spec
@@ -47,7 +48,7 @@ def workdir(tmp_path_factory) -> Path:
 def int8_builds(spec, calibration, workdir):
     """One INT8 variant per calibration method (defaults otherwise), built once; build seconds recorded."""
     built = {}
-    for method in ov.CALIBRATION_METHODS:
+    for method in ov.ORT_CALIBRATION_METHODS:
         start = time.perf_counter()
         built[method] = ov.build_int8(MODEL, workdir / method, calibration, spec.input_name, ov.QuantOptions(calibration=method))
         BUILD_SECONDS[method] = time.perf_counter() - start
@@ -59,6 +60,13 @@ def int8_head_float(spec, calibration, workdir):
     """The configuration `edgestack optimize` builds by default: entropy, per-channel, decode tail in float."""
     options = ov.QuantOptions(exclude_nodes=ov.default_head_exclusions(MODEL))
     return ov.build_int8(MODEL, workdir / "head-float", calibration, spec.input_name, options)
+
+
+@pytest.fixture(scope="module")
+def fast_int8(spec, calibration, workdir):
+    """The FAST_INT8 recipe as `edgestack optimize` builds it (int8-mean-quantile): decode tail float."""
+    options = ov.QuantOptions(**ov.FAST_INT8, exclude_nodes=ov.default_head_exclusions(MODEL))
+    return ov.build_int8(MODEL, workdir / "fast", calibration, spec.input_name, options)
 
 
 def session(path: Path) -> ort.InferenceSession:
@@ -102,6 +110,10 @@ def test_default_options_and_name():
     ({"quant_format": "qoperator"}, "int8-entropy-pc-qop"),
     ({"activation_type": "int8", "symmetric_activations": True}, "int8-entropy-pc-s8-sym"),
     ({"weight_type": "uint8", "reduce_range": True}, "int8-entropy-pc-wu8-rr"),
+    ({"calibration": "mean-quantile"}, "int8-mean-quantile-pc"),
+    ({"calibration": "mean-quantile", "outlier_prob": 1e-3}, "int8-mean-quantile0.001-pc"),
+    (ov.FAST_INT8, "int8-mean-quantile-pc-resizef32-mulfold"),
+    ({"fold_scalar_muls": True}, "int8-entropy-pc-mulfold"),
 ])
 def test_names_say_what_changed(changes, name):
     assert replace(ov.QuantOptions(), **changes).name == name
@@ -120,7 +132,8 @@ def test_names_are_filesystem_safe_and_distinct_per_exclusion_set():
 
 
 def test_as_dict_round_trips():
-    options = ov.QuantOptions(calibration="percentile", percentile=99.9, exclude_nodes=("b", "a"), reduce_range=True)
+    options = ov.QuantOptions(calibration="percentile", percentile=99.9, exclude_nodes=("b", "a"), reduce_range=True,
+                              fold_scalar_muls=True)
     data = options.as_dict()
     assert data["exclude_nodes"] == ["a", "b"] and data["percentile"] == 99.9
     assert ov.QuantOptions(**data) == options
@@ -141,6 +154,12 @@ def test_as_dict_round_trips():
     ({"exclude_nodes": ("",)}, "exclude_nodes"),
     ({"exclude_op_types": (3,)}, "exclude_op_types"),
     ({"activation_type": "int8", "weight_type": "uint8"}, "S8U8"),
+    ({"float_resize": True}, "needs calibration='mean-quantile'"),
+    ({"calibration": "mean-quantile", "float_resize": True, "quant_format": "qoperator"}, "must be 'qdq'"),
+    ({"fold_scalar_muls": True, "quant_format": "qoperator"}, "must be 'qdq'"),
+    ({"fold_scalar_muls": 1}, "fold_scalar_muls"),
+    ({"outlier_prob": 0.2}, "outlier_prob"),
+    ({"outlier_prob": -1e-4}, "outlier_prob"),
 ])
 def test_invalid_options_are_refused(changes, message):
     with pytest.raises(ValueError, match=message):
@@ -150,7 +169,7 @@ def test_invalid_options_are_refused(changes, message):
 # ------------------------------------------------------------------------------------------- INT8
 
 
-@pytest.mark.parametrize("method", ov.CALIBRATION_METHODS)
+@pytest.mark.parametrize("method", ov.ORT_CALIBRATION_METHODS)
 def test_int8_builds_with_each_calibration_method(int8_builds, calibration, method):
     variant = int8_builds[method]
     assert variant.name == f"int8-{method}-pc"
@@ -163,7 +182,7 @@ def test_int8_builds_with_each_calibration_method(int8_builds, calibration, meth
     assert options["calibration_count"] == CALIBRATION_IMAGES
     assert options["calibration_images"] == [p.name for p in calibration.paths]
     assert options["per_channel"] is True and options["ort_extra_options"]["WeightSymmetric"] is True
-    assert options["sha256"] == ov._sha256(variant.path)
+    assert options["sha256"] == sha256_file(variant.path)
     assert json.loads(json.dumps(options)) == options  # save_variant writes it as JSON
     print(f"build_int8 {method}: {BUILD_SECONDS[method]:.1f} s with {CALIBRATION_IMAGES} images")
 
@@ -246,6 +265,59 @@ def test_an_excluded_conv_between_quantized_neighbours_is_requantized_by_ort(spe
     assert variant.options["exclusions_requantized_by_ort"] == [lone]
     assert variant.options["quantized_ops"]["file"]["float_conv"] == 1  # float in the file ...
     assert variant.options["quantized_ops"]["executed"]["float_conv"] == 0  # ... integer when it runs
+
+
+# ------------------------------------------------------------------------------------------- FAST_INT8 recipe
+
+
+def test_fast_recipe_runs_every_conv_in_int8_and_the_resizes_in_float(fast_int8):
+    options = fast_int8.options
+    assert fast_int8.name.startswith("int8-mean-quantile-pc-resizef32-mulfold-x")
+    executed = options["quantized_ops"]["executed"]
+    assert executed["integer_ops"]["QLinearConv"] == 89 and executed["float_conv"] == 0
+    assert options["resize_executed"] == {"float": 3, "integer": 0}
+    assert options["float_resize_nodes"] == ["Resize__387", "Resize__412", "Resize__437"]
+    # x * 1/6 of 20 hard-swishes and 8 squeeze-excite hard-sigmoids: all became scale changes
+    assert len(options["folded_muls"]) == 28
+    assert all(n.endswith(("hard_swish/mul", "squeeze_excite/Conv_1/mul")) for n in options["folded_muls"])
+    assert executed["integer_ops"]["QLinearMul"] == 57 - 28
+    assert executed["QuantizeLinear"] + executed["DequantizeLinear"] <= 12  # the float islands only
+    assert options["range_overrides"]["tensors"] > 200
+    assert "mean over images" in options["calibration_effective"]
+    assert json.loads(json.dumps(options)) == options
+
+
+@pytest.mark.parametrize("image", [
+    "horses.jpg",
+    pytest.param("dog.jpg", marks=pytest.mark.xfail(strict=True, reason=(
+        "the recipe keeps dog.jpg's dog and car (ORT's calibrators lose the dog), but FP32's bicycle (0.49) drops to "
+        "0.22-0.27, under the 0.35 threshold: mAP@0.5 against FP32 stays ~0.99 because AP ranks below the "
+        "threshold; see docs/INT8.md"))),
+])
+def test_fast_recipe_keeps_the_fp32_classes(spec, fast_int8, image):
+    _, _, fp32_classes = detect(spec, session(MODEL), image)
+    _, _, int8_classes = detect(spec, session(fast_int8.path), image)
+    assert len(fp32_classes) > 0
+    assert sorted(set(int8_classes.tolist())) == sorted(set(fp32_classes.tolist()))
+
+
+def test_fast_recipe_keeps_the_dog_that_ort_calibration_loses(spec, fast_int8, int8_head_float):
+    """Same calibration images, same decode tail kept float: only the ranges and the rewrites differ."""
+    _, _, fast_classes = detect(spec, session(fast_int8.path), "dog.jpg")
+    _, _, ort_classes = detect(spec, session(int8_head_float.path), "dog.jpg")
+    names = {spec.classes[c] for c in fast_classes.tolist()}, {spec.classes[c] for c in ort_classes.tolist()}
+    assert names == ({"dog", "car"}, {"car"})
+
+
+def test_optimize_builds_the_same_fast_recipe_bytes(spec, calibration, fast_int8, tmp_path):
+    """`edgestack optimize --variants int8-mean-quantile` builds this recipe, and the build is reproducible."""
+    from builder.optimize.pipeline import KNOWN_VARIANTS, OptimizeSettings, _builders
+
+    assert "int8-mean-quantile" in KNOWN_VARIANTS
+    settings = OptimizeSettings(calibration_dir=IMAGES, eval_dir=IMAGES, out_dir=tmp_path, variants=("int8-mean-quantile",))
+    again = _builders(spec, settings, calibration)["int8-mean-quantile"](tmp_path / "int8-mean-quantile")
+    assert again.name == fast_int8.name
+    assert again.path.read_bytes() == fast_int8.path.read_bytes()
 
 
 # ------------------------------------------------------------------------------------------- failures

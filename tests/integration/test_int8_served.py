@@ -1,0 +1,178 @@
+"""ONNX Runtime INT8 variants served by one real tritonserver, against FP32 run in-process.
+
+Each INT8 variant is built with builder.optimize (decode tail float, as `edgestack optimize` builds them) on the
+first CALIBRATION_IMAGES fixture photos and served on the cpu target, all four in one repository (one pipeline
+each, so one server start). The other fixture photos go through every pipeline over gRPC and over HTTP;
+fidelity is pycocotools' mAP@0.5 of the served detections against FP32's own detections (score >= the spec's
+0.35) as ground truth: builder.optimize.evaluate.fidelity_map, the number `edgestack optimize` reports. The
+pipelines are rendered with the score threshold lowered to evaluate.MAP_SCORE_THRESHOLD so that, as in
+`edgestack optimize`, average precision sees the ranking below the serving threshold.
+
+Floors, from measurements on this machine (3 calibration images, 11 held-out images, 19 FP32 boxes):
+- int8-minmax 0.83, int8-entropy 0.83 (ORT 1.22's quantize_static entropy is min/max, byte-identical),
+  int8-percentile 0.84: floor 0.6. Low enough for run-to-run and CPU-to-CPU differences of ORT's kernels
+  (each lost box of 19 costs ~0.05), high enough to catch a broken quantization: with the decode tail
+  quantized too, scores collapse to 0 or 2 and the fidelity is ~0 (test_quantized_decode_tail_fails_every_floor
+  measures it on the same images).
+- int8-mean-quantile (the FAST_INT8 recipe: mean-quantile ranges, Resize float, scalar Muls folded) 0.99 (1.00
+  with 5 calibration images): floor 0.9, above what ORT's own calibrators reach, so the test fails if the
+  recipe loses its fidelity advantage.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pytest
+
+from backends.detector.onnx_runner import OnnxDetector, make_session
+from builder.optimize import evaluate
+from builder.optimize import ort_variants as ov
+from builder.optimize.calibration import IMAGE_SUFFIXES, load_calibration_set
+from builder.optimize.evaluate import ImageDetections
+from builder.optimize.variants import Variant
+from builder.repository import PIPELINE_FILE_SUFFIX, render_repository, target_for
+from builder.spec import load_spec
+from edgestack.client import DetectionClient
+from edgestack.server import TritonServer
+from tests.conftest import IMAGES, SPEC
+from tests.integration.conftest import assert_stopped
+
+pytestmark = pytest.mark.integration
+
+CALIBRATION_IMAGES = 3
+# variant -> (QuantOptions fields besides the decode tail, fidelity mAP@0.5 floor); see the module docstring
+VARIANTS = {
+    "int8-minmax": ({"calibration": "minmax"}, 0.6),
+    "int8-entropy": ({"calibration": "entropy"}, 0.6),
+    "int8-percentile": ({"calibration": "percentile"}, 0.6),
+    "int8-mean-quantile": (ov.FAST_INT8, 0.9),
+}
+
+
+def pipeline_name(variant: str) -> str:
+    return "detect_" + variant.replace("-", "_")
+
+
+@pytest.fixture(scope="module")
+def spec():
+    return load_spec(SPEC)
+
+
+@pytest.fixture(scope="module")
+def eval_images() -> list[Path]:
+    """The fixture photos not used for calibration (load_calibration_set takes the first ones by name)."""
+    photos = sorted(p for p in IMAGES.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    return photos[CALIBRATION_IMAGES:]
+
+
+@pytest.fixture(scope="module")
+def fp32_reference(spec, eval_images) -> list[ImageDetections]:
+    """FP32 in-process, the same functions the server runs, down to the low mAP threshold."""
+    runner = OnnxDetector(make_session(str(spec.model_path), 1), spec.input_name, spec.output.name, 1)
+    return evaluate.detect_images(runner, spec, eval_images)
+
+
+@pytest.fixture(scope="module")
+def calibration(spec):
+    return load_calibration_set(IMAGES, spec.input, spec.limits, CALIBRATION_IMAGES)
+
+
+@pytest.fixture(scope="module")
+def variants(spec, calibration, tmp_path_factory) -> dict[str, Variant]:
+    tmp = tmp_path_factory.mktemp("int8_variants")
+    head = ov.default_head_exclusions(spec.model_path)
+    built = {}
+    for name, (fields, _) in VARIANTS.items():
+        started = time.perf_counter()
+        options = ov.QuantOptions(**fields, exclude_nodes=head)
+        built[name] = ov.build_int8(spec.model_path, tmp / name, calibration, spec.input_name, options)
+        print(f"\n{name} ({options.name}) built in {time.perf_counter() - started:.1f} s")
+    return built
+
+
+@pytest.fixture(scope="module")
+def server(spec, variants, tmp_path_factory) -> Iterator[TritonServer]:
+    """One tritonserver, one pipeline per variant in one repository."""
+    tmp = tmp_path_factory.mktemp("int8_served")
+    repository = tmp / "model_repository"
+    low = dataclasses.replace(spec.thresholds, score=evaluate.MAP_SCORE_THRESHOLD)
+    for name, variant in variants.items():
+        served = spec.replace(name=pipeline_name(name), thresholds=low)
+        render_repository(served, repository, target_for(served), variant=variant)
+    started = time.perf_counter()
+    with TritonServer(repository, log_path=tmp / "tritonserver.log") as running:
+        print(f"\ntritonserver with {len(variants)} pipelines ready in {time.perf_counter() - started:.1f} s")
+        pid = running.pid
+        yield running
+    assert_stopped(pid)
+
+
+@pytest.fixture(scope="module")
+def served(server, variants, eval_images, fp32_reference) -> dict[tuple[str, str], list[ImageDetections]]:
+    """(variant, protocol) -> detections per evaluation image, as the server answered them."""
+    answers = {}
+    for name in variants:
+        for protocol, url in (("grpc", server.grpc_url), ("http", server.http_url)):
+            with DetectionClient(url, protocol, model=pipeline_name(name)) as client:
+                per_image = []
+                for path, reference in zip(eval_images, fp32_reference):
+                    result = client.detect(path.read_bytes())
+                    assert result.source == "edge" and not result.degraded
+                    per_image.append(ImageDetections(
+                        [d.box for d in result.detections], [d.score for d in result.detections],
+                        [d.class_id for d in result.detections], reference.width, reference.height, path.name))
+                answers[name, protocol] = per_image
+    return answers
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_served_int8_stays_close_to_fp32(spec, served, fp32_reference, name):
+    floor = VARIANTS[name][1]
+    fidelity = evaluate.fidelity_map(fp32_reference, served[name, "grpc"],
+                                     reference_score_threshold=spec.thresholds.score)
+    print(f"\n{name}: fidelity mAP@0.5 {fidelity['map50']:.3f} (mAP@0.5:0.95 {fidelity['map50_95']:.3f}) "
+          f"on {fidelity['images']} images, {fidelity['gt_boxes']} FP32 boxes; floor {floor}")
+    assert fidelity["gt_boxes"] >= 10  # enough FP32 boxes for the floor to mean something
+    assert fidelity["map50"] >= floor
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_http_answers_like_grpc(served, name):
+    for over_grpc, over_http in zip(served[name, "grpc"], served[name, "http"]):
+        np.testing.assert_array_equal(over_http.class_ids, over_grpc.class_ids)
+        np.testing.assert_allclose(over_http.scores, over_grpc.scores, atol=1e-6)
+        np.testing.assert_allclose(over_http.boxes, over_grpc.boxes, atol=1e-3)
+
+
+def test_each_pipeline_serves_its_own_int8_model(server, variants):
+    """The repository records which variant file each pipeline's detector serves, and the server has them all."""
+    import tritonclient.http as httpclient
+
+    client = httpclient.InferenceServerClient(server.http_url)
+    try:
+        for name, variant in variants.items():
+            record = json.loads((server.repository / f"{pipeline_name(name)}{PIPELINE_FILE_SUFFIX}").read_text())
+            assert record["variant"]["name"] == variant.name
+            assert record["variant"]["files_sha256"]["model.onnx"] == variant.options["sha256"]
+            assert client.is_model_ready(f"{pipeline_name(name)}_detector")
+    finally:
+        client.close()
+    recipe = variants["int8-mean-quantile"].options
+    assert recipe["quantized_ops"]["executed"]["integer_ops"]["QLinearConv"] == 89
+    assert recipe["resize_executed"] == {"float": 3, "integer": 0}
+
+
+def test_quantized_decode_tail_fails_every_floor(spec, calibration, eval_images, fp32_reference, tmp_path):
+    """The negative control for the floors: min/max INT8 with the decode tail quantized too (no exclusions)."""
+    broken = ov.build_int8(spec.model_path, tmp_path / "broken", calibration, spec.input_name,
+                           ov.QuantOptions(calibration="minmax"))
+    runner = OnnxDetector(make_session(str(broken.path), 1), spec.input_name, spec.output.name, 1)
+    fidelity = evaluate.fidelity_map(fp32_reference, evaluate.detect_images(runner, spec, eval_images),
+                                     reference_score_threshold=spec.thresholds.score)
+    print(f"\ndecode tail quantized: fidelity mAP@0.5 {fidelity['map50']:.3f}")
+    assert fidelity["map50"] < min(floor for _, floor in VARIANTS.values()) / 2
