@@ -167,6 +167,87 @@ def fold_scalar_muls(model) -> list[str]:
     return folded
 
 
+def pool_peaks_on_logits(model) -> list[str]:
+    """CenterNet's peak test `heat == MaxPool(heat)` with heat = Sigmoid(DequantizeLinear(q)), rewritten to run on
+    the quantized logits: MaxPool(DQ(q)) -> Q -> DQ (ORT runs it as a uint8 NHWC MaxPool) and Equal on the logits.
+    In place; the names of the MaxPools replaced.
+
+    Sigmoid is strictly increasing and DequantizeLinear is increasing, so both sides pick the same maxima: the
+    mask only differs where float32 Sigmoid rounds two different neighbouring logits to the same value (above
+    ~16.6, where the original also marks the smaller one as a peak). It removes the float MaxPool's NCHW detour
+    (a Transpose and two NCHWc reorders of the whole heatmap) from the INT8 graph. Each Equal operand may be the
+    tensor itself or one Transpose of it; anything else is left alone.
+    """
+    from onnx import helper
+
+    graph = model.graph
+    initializers = {t.name for t in graph.initializer}
+    producers = {o: n for n in graph.node for o in n.output}
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    outputs = {o.name for o in graph.output}
+
+    def source(name: str) -> tuple[str, list[int] | None]:
+        node = producers.get(name)
+        if node is not None and node.op_type == "Transpose":
+            return node.input[0], [int(v) for a in node.attribute if a.name == "perm" for v in a.ints]
+        return name, None
+
+    replaced, added, removed, matched = [], [], set(), set()
+    for pool in [n for n in graph.node if n.op_type == "MaxPool"]:
+        sigmoid = producers.get(pool.input[0])
+        dq = producers.get(sigmoid.input[0]) if sigmoid is not None and sigmoid.op_type == "Sigmoid" else None
+        if dq is None or dq.op_type != "DequantizeLinear" or len(dq.input) < 3 or dq.input[1] not in initializers \
+                or len(pool.output) != 1 or pool.output[0] in outputs:
+            continue
+        pooled_readers = [c for c in consumers.get(pool.output[0], [])]
+        equals = []
+        for reader in pooled_readers:
+            equal = consumers.get(reader.output[0], [None])[0] if reader.op_type == "Transpose" else reader
+            if equal is None or equal.op_type != "Equal":
+                break
+            sides = [source(i) for i in equal.input]
+            if sorted(name for name, _ in sides) != sorted([sigmoid.output[0], pool.output[0]]) or sides[0][1] != sides[1][1]:
+                break
+            equals.append((equal, sides[0][1]))
+        if not equals or len(equals) != len(pooled_readers):
+            continue
+        base = pool.name or pool.output[0]
+        logits, pooled = dq.output[0], f"{base}/on_logits_dq"
+        added += [
+            helper.make_node("MaxPool", [logits], [f"{base}/on_logits"], f"{base}/on_logits",
+                             **{a.name: helper.get_attribute_value(a) for a in pool.attribute}),
+            helper.make_node("QuantizeLinear", [f"{base}/on_logits", dq.input[1], dq.input[2]], [f"{base}/on_logits_q"],
+                             f"{base}/on_logits_q"),
+            helper.make_node("DequantizeLinear", [f"{base}/on_logits_q", dq.input[1], dq.input[2]], [pooled],
+                             f"{base}/on_logits_dq"),
+        ]
+        for k, (equal, perm) in enumerate(equals):
+            operands = {}
+            for tensor, name in ((logits, "logits"), (pooled, "pooled")):
+                if perm is None:
+                    operands[name] = tensor
+                else:
+                    operands[name] = f"{base}/{name}_t{k}"
+                    added.append(helper.make_node("Transpose", [tensor], [operands[name]], operands[name], perm=perm))
+            pooled_first = source(equal.input[0])[0] == pool.output[0]
+            del equal.input[:]
+            equal.input.extend([operands["pooled"], operands["logits"]] if pooled_first
+                               else [operands["logits"], operands["pooled"]])
+        removed.add(id(pool))
+        matched.update(id(equal) for equal, _ in equals)
+        replaced.append(pool.name or pool.output[0])
+    if replaced:
+        first_equal = min(i for i, n in enumerate(graph.node) if id(n) in matched)
+        nodes = list(graph.node)
+        del graph.node[:]
+        graph.node.extend(nodes[:first_equal] + added + nodes[first_equal:])  # before their readers: topological
+        _prune(graph, removed)
+    return replaced
+
+
 def _prune(graph, removed: set[int]) -> None:
     """Drop the removed nodes, then nodes and initializers nothing reads any more (graph outputs are kept)."""
     keep = [n for n in graph.node if id(n) not in removed]

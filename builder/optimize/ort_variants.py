@@ -68,6 +68,8 @@ class QuantOptions:
         whose ranges this builder controls (ORT's calibrators give the Resize output its input's scale, and then
         ORT fuses the Resize back into uint8).
     fold_scalar_muls: multiplications by a positive scalar constant become scale changes (qdq only).
+    peaks_on_logits: CenterNet's peak test (heat == MaxPool(heat), heat = Sigmoid of quantized logits) runs on the
+        quantized logits, as a uint8 MaxPool (qdq only; rewrites.pool_peaks_on_logits).
     """
 
     calibration: str = "entropy"
@@ -83,6 +85,7 @@ class QuantOptions:
     outlier_prob: float = rewrites.DEFAULT_OUTLIER_PROB
     float_resize: bool = False
     fold_scalar_muls: bool = False
+    peaks_on_logits: bool = False
 
     def __post_init__(self) -> None:
         for name in ("exclude_nodes", "exclude_op_types"):
@@ -97,7 +100,8 @@ class QuantOptions:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"QuantOptions.{name} {getattr(self, name)!r} is not one of {allowed}")
-        for name in ("per_channel", "symmetric_activations", "reduce_range", "float_resize", "fold_scalar_muls"):
+        for name in ("per_channel", "symmetric_activations", "reduce_range", "float_resize", "fold_scalar_muls",
+                     "peaks_on_logits"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"QuantOptions.{name} must be True or False, got {getattr(self, name)!r}")
         if isinstance(self.percentile, bool) or not isinstance(self.percentile, (int, float)) \
@@ -111,8 +115,9 @@ class QuantOptions:
         if self.float_resize and self.calibration != "mean-quantile":
             raise ValueError("QuantOptions.float_resize needs calibration='mean-quantile' (with ORT's calibrators the "
                              "Resize output shares its input's scale and ORT runs the uint8 Resize anyway)")
-        if (self.float_resize or self.fold_scalar_muls) and self.quant_format != "qdq":
-            raise ValueError("QuantOptions.float_resize / fold_scalar_muls rewrite Q/DQ pairs: quant_format must be 'qdq'")
+        if (self.float_resize or self.fold_scalar_muls or self.peaks_on_logits) and self.quant_format != "qdq":
+            raise ValueError("QuantOptions.float_resize / fold_scalar_muls / peaks_on_logits rewrite Q/DQ pairs: "
+                             "quant_format must be 'qdq'")
 
     @property
     def name(self) -> str:
@@ -137,6 +142,8 @@ class QuantOptions:
             parts.append("resizef32")
         if self.fold_scalar_muls:
             parts.append("mulfold")
+        if self.peaks_on_logits:
+            parts.append("peaklogits")
         if self.exclude_nodes or self.exclude_op_types:
             key = "\n".join(self.exclude_nodes) + "\0" + "\n".join(self.exclude_op_types)
             parts.append("x" + hashlib.sha256(key.encode()).hexdigest()[:8])
@@ -151,7 +158,8 @@ class QuantOptions:
 
 # The fastest INT8 found on this CPU that keeps the detections (docs/INT8.md); add the decode tail to
 # exclude_nodes, as `edgestack optimize` does: QuantOptions(**FAST_INT8, exclude_nodes=default_head_exclusions(m)).
-FAST_INT8: dict[str, Any] = {"calibration": "mean-quantile", "float_resize": True, "fold_scalar_muls": True}
+FAST_INT8: dict[str, Any] = {"calibration": "mean-quantile", "float_resize": True, "fold_scalar_muls": True,
+                             "peaks_on_logits": True}
 
 
 # --------------------------------------------------------------------------------------------------- FP32
@@ -298,9 +306,12 @@ def _quantize(prepared: Path, target: Path, calibration: CalibrationSet, input_n
         calibration_providers=["CPUExecutionProvider"],
         extra_options=extra_options,
     )
-    if options.fold_scalar_muls and target.is_file():
+    if (options.fold_scalar_muls or options.peaks_on_logits) and target.is_file():
         quantized = onnx.load(str(target))
-        done["folded_muls"] = rewrites.fold_scalar_muls(quantized)
+        if options.fold_scalar_muls:
+            done["folded_muls"] = rewrites.fold_scalar_muls(quantized)
+        if options.peaks_on_logits:
+            done["peak_pools_on_logits"] = rewrites.pool_peaks_on_logits(quantized)
         onnx.save(quantized, str(target))
     return done
 

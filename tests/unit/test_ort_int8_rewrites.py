@@ -155,3 +155,57 @@ def test_count_ops_counts_dq_fed_convs_as_float_only_where_ort_has_run():
         [const("wq", np.ones((1, 1, 1, 1)), np.uint8), const("s", 0.1), const("z", 0, np.uint8)])
     assert count_ops(graph)["float_conv"] == 0
     assert count_ops(graph, executed=True)["float_conv"] == 1
+
+
+def peak_model(transposed: bool = True) -> onnx.ModelProto:
+    """CenterNet's tail as the quantizer leaves it: logits -> Q -> DQ -> Sigmoid -> heat; MaxPool 3x3 of heat;
+    peaks = heat * (heat == pooled), optionally through NCHW -> NHWC Transposes as tf2onnx writes them."""
+    perm = [0, 2, 3, 1]
+    heat, pooled = ("heat_nhwc", "pooled_nhwc") if transposed else ("heat", "pooled")
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"], name="q_x"),
+        helper.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xf"], name="dq_x"),
+        helper.make_node("Sigmoid", ["xf"], ["heat"], name="sigmoid"),
+        helper.make_node("MaxPool", ["heat"], ["pooled"], name="pool", kernel_shape=[3, 3], pads=[1, 1, 1, 1],
+                         strides=[1, 1]),
+    ]
+    if transposed:
+        nodes += [helper.make_node("Transpose", ["heat"], ["heat_nhwc"], name="t_heat", perm=perm),
+                  helper.make_node("Transpose", ["pooled"], ["pooled_nhwc"], name="t_pooled", perm=perm)]
+    nodes += [
+        helper.make_node("Equal", [heat, pooled], ["is_peak"], name="equal"),
+        helper.make_node("Cast", ["is_peak"], ["mask"], name="cast", to=TensorProto.FLOAT),
+        helper.make_node("Mul", [heat, "mask"], ["y"], name="peaks"),
+    ]
+    shape = [1, 6, 6, 3] if transposed else [1, 3, 6, 6]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 6, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape),
+                               helper.make_tensor_value_info(heat, TensorProto.FLOAT, shape)],
+                              [const("xs", X_SCALE), const("xz", X_ZERO, np.uint8)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+
+
+@pytest.mark.parametrize("transposed", [True, False])
+def test_peak_test_on_logits_gives_the_same_peaks(transposed):
+    logits = np.random.default_rng(3).uniform(-8, 8, (1, 3, 6, 6)).astype(np.float32)
+    logits[0, 0, 2, 2] = logits[0, 0, 2, 3] = 5.0  # a tie: both are peaks before and after
+    model = peak_model(transposed)
+    before = run(model, logits)
+    assert rw.pool_peaks_on_logits(model) == ["pool"]
+    onnx.checker.check_model(model)
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("MaxPool") == 1 and ops.count("Sigmoid") == 1
+    pool = next(n for n in model.graph.node if n.op_type == "MaxPool")
+    assert pool.input[0] == "xf", "the MaxPool reads the dequantized logits"
+    after = run(model, logits)
+    assert np.array_equal(before, after)
+    assert 0 < np.count_nonzero(after) < after.size
+
+
+def test_peak_rewrite_leaves_other_maxpools_alone():
+    model = peak_model()
+    equal = next(n for n in model.graph.node if n.op_type == "Equal")
+    equal.input[0] = "pooled_nhwc"  # pooled == pooled: not the peak test
+    equal.input[1] = "pooled_nhwc"
+    assert rw.pool_peaks_on_logits(model) == []
+    assert [n.name for n in model.graph.node if n.op_type == "MaxPool"] == ["pool"]

@@ -112,7 +112,7 @@ def test_default_options_and_name():
     ({"weight_type": "uint8", "reduce_range": True}, "int8-entropy-pc-wu8-rr"),
     ({"calibration": "mean-quantile"}, "int8-mean-quantile-pc"),
     ({"calibration": "mean-quantile", "outlier_prob": 1e-3}, "int8-mean-quantile0.001-pc"),
-    (ov.FAST_INT8, "int8-mean-quantile-pc-resizef32-mulfold"),
+    (ov.FAST_INT8, "int8-mean-quantile-pc-resizef32-mulfold-peaklogits"),
     ({"fold_scalar_muls": True}, "int8-entropy-pc-mulfold"),
 ])
 def test_names_say_what_changed(changes, name):
@@ -158,6 +158,8 @@ def test_as_dict_round_trips():
     ({"calibration": "mean-quantile", "float_resize": True, "quant_format": "qoperator"}, "must be 'qdq'"),
     ({"fold_scalar_muls": True, "quant_format": "qoperator"}, "must be 'qdq'"),
     ({"fold_scalar_muls": 1}, "fold_scalar_muls"),
+    ({"peaks_on_logits": True, "quant_format": "qoperator"}, "must be 'qdq'"),
+    ({"peaks_on_logits": "yes"}, "peaks_on_logits"),
     ({"outlier_prob": 0.2}, "outlier_prob"),
     ({"outlier_prob": -1e-4}, "outlier_prob"),
 ])
@@ -281,7 +283,8 @@ def test_an_excluded_conv_between_quantized_neighbours_is_requantized_by_ort(spe
 
 def test_fast_recipe_runs_every_conv_in_int8_and_the_resizes_in_float(fast_int8):
     options = fast_int8.options
-    assert fast_int8.name.startswith("int8-mean-quantile-pc-resizef32-mulfold-x")
+    assert fast_int8.name.startswith("int8-mean-quantile-pc-resizef32-mulfold-peaklogits-x")
+    assert options["peak_pools_on_logits"] == ["tower_0/max_pooling2d/MaxPool"]
     executed = options["quantized_ops"]["executed"]
     assert executed["integer_ops"]["QLinearConv"] == 89 and executed["float_conv"] == 0
     assert options["resize_executed"] == {"float": 3, "integer": 0}
