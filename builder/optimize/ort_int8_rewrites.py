@@ -9,6 +9,9 @@
 - fold_scalar_muls: DQ(x) * c -> Q -> DQ becomes DQ(x) with scale * c. MobileNetV3's hard-swish is
   (x * 1/6) * relu6(x + 3); the x * 1/6 is a QLinearMul over the whole activation tensor that a scale change does
   exactly, and one rounding less.
+- pool_peaks_on_logits: CenterNet's peak test heat == MaxPool(heat), heat = Sigmoid(DQ(logits)), runs on the
+  quantized logits as a uint8 MaxPool (same peaks: Sigmoid is increasing), without the float MaxPool's NCHW
+  detour (a Transpose and two NCHWc reorders of the whole heatmap).
 
 docs/INT8.md has the measurements behind each.
 """
