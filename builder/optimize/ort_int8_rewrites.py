@@ -122,6 +122,16 @@ def _scalar_value(name: str, initializers: dict, producers: dict) -> float | Non
     return float(value.reshape(-1)[0]) if value.size == 1 else None
 
 
+def _graph_maps(graph) -> tuple[dict, dict, dict[str, list], set[str]]:
+    """(initializers by name, producing node by tensor, consuming nodes by tensor, graph output names)."""
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    return ({t.name: t for t in graph.initializer}, {o: n for n in graph.node for o in n.output}, consumers,
+            {o.name for o in graph.output})
+
+
 def fold_scalar_muls(model) -> list[str]:
     """In a QDQ model: every Mul of a per-tensor DequantizeLinear activation by a positive scalar constant, whose
     output only goes through one QuantizeLinear into DequantizeLinear nodes, is removed; those DequantizeLinear
@@ -132,13 +142,7 @@ def fold_scalar_muls(model) -> list[str]:
     from onnx import numpy_helper
 
     graph = model.graph
-    initializers = {t.name: t for t in graph.initializer}
-    producers = {o: n for n in graph.node for o in n.output}
-    consumers: dict[str, list] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
-    outputs = {o.name for o in graph.output}
+    initializers, producers, consumers, outputs = _graph_maps(graph)
     removed: set[int] = set()
     folded: list[str] = []
     for node in graph.node:
@@ -184,13 +188,7 @@ def pool_peaks_on_logits(model) -> list[str]:
     from onnx import helper
 
     graph = model.graph
-    initializers = {t.name for t in graph.initializer}
-    producers = {o: n for n in graph.node for o in n.output}
-    consumers: dict[str, list] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
-    outputs = {o.name for o in graph.output}
+    initializers, producers, consumers, outputs = _graph_maps(graph)
 
     def source(name: str) -> tuple[str, list[int] | None]:
         node = producers.get(name)
