@@ -17,7 +17,6 @@ import json
 import math
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -27,6 +26,7 @@ from typing import Any, Sequence
 
 from builder.errors import BuilderError
 from edgestack.errors import EdgestackError
+from edgestack.server import stop_process_group
 
 ROOT = Path(__file__).resolve().parent.parent
 LOCUSTFILE = Path(__file__).resolve().parent / "locustfile.py"
@@ -167,23 +167,6 @@ def _user_errors(path: Path) -> int:
         return sum(int(r["Count"]) for r in csv.DictReader(fh))
 
 
-def _terminate(process: subprocess.Popen) -> None:
-    """Stop locust's process group (it may have forked workers): SIGTERM, then SIGKILL."""
-    if process.poll() is None:
-        try:
-            os.killpg(process.pid, signal.SIGTERM)
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=10)
-        except ProcessLookupError:
-            pass
-    try:
-        os.killpg(process.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
 def _tail(path: Path, chars: int = 4000) -> str:
     try:
         return path.read_text(errors="replace")[-chars:]
@@ -262,7 +245,7 @@ def run_load(
                 raise LoadTestError(f"locust did not finish within {run_s + stop_timeout_s + PROCESS_GRACE_S:.0f} s; "
                                     f"output:\n{_tail(output)}") from None
             finally:
-                _terminate(process)
+                stop_process_group(process, timeout_s=15)  # locust may have forked workers
         stats_csv = Path(f"{prefix}_stats.csv")
         if returncode not in (0, 1) or not stats_csv.is_file() or not stats_json.is_file():
             raise LoadTestError(f"locust exited with code {returncode} without complete stats; output:\n{_tail(output)}")
