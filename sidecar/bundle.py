@@ -40,21 +40,19 @@ from typing import Any, BinaryIO, Iterable, Mapping, Sequence
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from sidecar import delta as D
-from sidecar.bundle_delta import (DELTAS_PREFIX, UNCHANGED, check_delta_entries, delivery, file_digest, member_name,
-                                  member_sha256, member_size, plan_deltas, rebuild, resolve_bases)
+from sidecar.bundle_delta import (CHUNK, DELTAS_PREFIX, FILES_PREFIX, UNCHANGED, check_delta_entries, delivery,
+                                  file_digest, is_sha256, is_size, member_name, member_sha256, member_size,
+                                  plan_deltas, rebuild, resolve_bases)
 from sidecar.bundle_types import ExpectedOutput, VerifiedBundle
 from sidecar.errors import BundleError, DiskSpaceError, SidecarError
 from sidecar.trust import TrustStore, canonical_json, format_time, parse_time, sign
 
 METADATA_NAME = "metadata.json"
-FILES_PREFIX = "files/"
 MAX_METADATA_BYTES = 1 << 20
-CHUNK = 1 << 20
 TARGETS = ("cpu", "intel", "nvidia-gpu", "jetson")
 SKIPPED_DIRS = ("__pycache__",)  # interpreter caches are not part of a model version
 SEMVER = re.compile(r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(?:-[0-9A-Za-z.-]+)?(?:\+[0-9A-Za-z.-]+)?$")
 MODEL_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
-SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _TAR_DEFAULTS = {"mtime": 0, "mode": 0o644, "uid": 0, "gid": 0, "uname": "", "gname": ""}
 
 
@@ -121,8 +119,7 @@ def check_bundle_signed(signed: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
         raise BundleError("bundle metadata lists no files")
     for rel, entry in files.items():
         check_relative_path(rel)
-        if (not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str) or not SHA256.match(entry["sha256"])
-                or not isinstance(entry.get("size"), int) or isinstance(entry["size"], bool) or entry["size"] < 0):
+        if not isinstance(entry, dict) or not is_sha256(entry.get("sha256")) or not is_size(entry.get("size")):
             raise BundleError(f"{rel}: file entry needs a lowercase hex sha256 and a size >= 0")
     folders = {rel.rsplit("/", 1)[0] for rel in files if "/" in rel}
     folders |= {f.rsplit("/", i)[0] for f in list(folders) for i in range(1, f.count("/") + 1)}

@@ -24,6 +24,7 @@ from typing import Any, Iterable, Mapping, Sequence
 from sidecar import delta as D
 from sidecar.errors import BundleError, DeltaError
 
+FILES_PREFIX = "files/"
 DELTAS_PREFIX = "deltas/"
 UNCHANGED = "unchanged"
 FULL = "full"
@@ -32,11 +33,13 @@ _HEX = set("0123456789abcdef")
 CHUNK = 1 << 20
 
 
-def _is_sha256(value: Any) -> bool:
+def is_sha256(value: Any) -> bool:
+    """A lowercase hex sha256 digest."""
     return isinstance(value, str) and len(value) == 64 and set(value) <= _HEX
 
 
-def _is_size(value: Any) -> bool:
+def is_size(value: Any) -> bool:
+    """A byte count: an int (not a bool) >= 0."""
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
@@ -59,12 +62,12 @@ def check_delta_entries(signed: Mapping[str, Any], files: Mapping[str, Mapping[s
         has_delta = True
         if not isinstance(delta, dict) or delta.get("method") not in METHODS:
             raise BundleError(f"{rel}: delta method must be one of {', '.join(METHODS)}")
-        if not _is_sha256(delta.get("base_sha256")) or not _is_size(delta.get("base_size")):
+        if not is_sha256(delta.get("base_sha256")) or not is_size(delta.get("base_size")):
             raise BundleError(f"{rel}: a delta needs the base file's lowercase hex sha256 and size")
         if delta["method"] == UNCHANGED:
             if (delta["base_sha256"], delta["base_size"]) != (entry["sha256"], entry["size"]):
                 raise BundleError(f"{rel}: 'unchanged' but the base and the result differ")
-        elif not _is_sha256(delta.get("sha256")) or not _is_size(delta.get("size")):
+        elif not is_sha256(delta.get("sha256")) or not is_size(delta.get("size")):
             raise BundleError(f"{rel}: a delta needs its own lowercase hex sha256 and size")
     base = signed.get("base")
     if base is not None and (not isinstance(base, dict) or not isinstance(base.get("model_version"), str)):
@@ -83,7 +86,7 @@ def member_name(rel: str, entry: Mapping[str, Any]) -> str | None:
     method = (entry.get("delta") or {}).get("method")
     if method == UNCHANGED:
         return None
-    return (DELTAS_PREFIX if method else "files/") + rel
+    return (DELTAS_PREFIX if method else FILES_PREFIX) + rel
 
 
 def member_size(entry: Mapping[str, Any]) -> int:
