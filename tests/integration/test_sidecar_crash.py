@@ -16,7 +16,6 @@ import sys
 import threading
 import time
 import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -26,13 +25,14 @@ from typing import Iterator
 import pytest
 
 from edgestack.server import TritonServer, free_port
+from sidecar.bundle import create_bundle
+from sidecar.ctl_cli import call
 from sidecar.keys import generate_key
 from sidecar.state import TERMINAL, State, StateStore
 from sidecar.triton_control import TritonControl
 from sidecar.trust import TrustStore, make_root, sign
 from tests.conftest import ROOT
 from tests.integration.conftest import assert_stopped, render
-from sidecar.bundle import create_bundle
 from tests.integration.test_sidecar_swap import (DETECTOR, EXPIRES, Keys, detect_dog, expected_outputs, leftovers,
                                                  make_bundle, make_variant, reset_to_v1, DOG)
 
@@ -93,14 +93,7 @@ class Daemon:
             cwd=ROOT, env=environ, stdout=self.log, stderr=subprocess.STDOUT)
 
     def request(self, method: str, path: str, body: dict | None = None) -> tuple[int, object]:
-        data = json.dumps(body).encode() if body is not None else None
-        request = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", data=data, method=method,
-                                         headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(request, timeout=30) as response:
-                return response.status, json.loads(response.read())
-        except urllib.error.HTTPError as exc:
-            return exc.code, json.loads(exc.read())
+        return call(f"http://127.0.0.1:{self.port}", method, path, body)
 
     def wait_settled(self, timeout_s: float) -> dict:
         """The API answers, nothing runs, and the state is terminal."""
