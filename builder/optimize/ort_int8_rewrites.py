@@ -203,10 +203,13 @@ def pool_peaks_on_logits(model) -> list[str]:
         if dq is None or dq.op_type != "DequantizeLinear" or len(dq.input) < 3 or dq.input[1] not in initializers \
                 or len(pool.output) != 1 or pool.output[0] in outputs:
             continue
-        pooled_readers = [c for c in consumers.get(pool.output[0], [])]
+        pooled_readers = consumers.get(pool.output[0], [])
         equals = []
         for reader in pooled_readers:
-            equal = consumers.get(reader.output[0], [None])[0] if reader.op_type == "Transpose" else reader
+            equal = reader
+            if reader.op_type == "Transpose":  # read by the Equal alone: it goes with the MaxPool
+                after = consumers.get(reader.output[0], [])
+                equal = after[0] if len(after) == 1 and reader.output[0] not in outputs else None
             if equal is None or equal.op_type != "Equal":
                 break
             sides = [source(i) for i in equal.input]

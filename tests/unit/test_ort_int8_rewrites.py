@@ -209,3 +209,10 @@ def test_peak_rewrite_leaves_other_maxpools_alone():
     equal.input[1] = "pooled_nhwc"
     assert rw.pool_peaks_on_logits(model) == []
     assert [n.name for n in model.graph.node if n.op_type == "MaxPool"] == ["pool"]
+
+
+def test_peak_rewrite_keeps_a_pooled_heatmap_that_is_read_elsewhere():
+    model = peak_model()
+    model.graph.output.append(helper.make_tensor_value_info("pooled_nhwc", TensorProto.FLOAT, [1, 6, 6, 3]))
+    assert rw.pool_peaks_on_logits(model) == []
+    assert [n.name for n in model.graph.node if n.op_type == "MaxPool"] == ["pool"]
