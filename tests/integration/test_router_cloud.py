@@ -14,6 +14,9 @@ pytestmark = pytest.mark.integration
 
 DEADLINE_MS = 1500
 COOLDOWN_S = 2.0
+# Long enough for gRPC's default reconnect backoff to grow past the cooldown: the cloud must still be used again
+# right after its first half-open trial (backends/router/cloud.py caps the backoff).
+OUTAGE_S = 8.0
 MIN_CONFIDENCE = 0.6  # grace_hopper.jpg (person 0.74) stays on the edge; flower.jpg (nothing) goes to the cloud
 
 
@@ -60,6 +63,7 @@ def test_low_confidence_goes_to_cloud_and_degrades_when_cloud_is_down(tmp_path_f
             assert (open_circuit.source, open_circuit.degraded) == ("edge", True)
             assert time.monotonic() - started < DEADLINE_MS / 1000
 
+            time.sleep(OUTAGE_S)
             cloud = TritonServer(cloud_repo, grpc_port=cloud_grpc_port, log_path=tmp / "cloud2.log").start()
             time.sleep(COOLDOWN_S + 0.5)
             back = client.detect(flower)
