@@ -109,6 +109,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(Path(args.spec), Path(args.images), Path(args.out), args.protocol)
 
 
+def cmd_device_info(args: argparse.Namespace) -> int:
+    from builder.device_class import main as device_info
+
+    return device_info()
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edgestack", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -151,6 +157,12 @@ def make_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="out/demo")
     demo.add_argument("--protocol", choices=["grpc", "http"], default="grpc")
     demo.set_defaults(func=cmd_demo)
+
+    device = sub.add_parser("device-info", help="this device's class: CPU features, accelerator, Triton version",
+                            description="Print this device's descriptor as JSON: architecture, CPU ISA features, "
+                                        "CPU class (what INT8 artifacts and bundles are matched against), "
+                                        "accelerator and compute capability, Triton version.")
+    device.set_defaults(func=cmd_device_info)
 
     from edgestack import latency_budget, optimize_cli
     from loadtests import run as load
