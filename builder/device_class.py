@@ -12,6 +12,7 @@ is therefore the unit in which artifacts are built, verified and installed:
   arm64-dotprod AArch64 with the dot-product extension (asimddp / FEAT_DotProd)
   arm64-neon    AArch64 without it
   cuda-smXY     an NVIDIA GPU of compute capability X.Y (TensorRT engines are built per capability)
+  cuda-any      (artifacts only) any NVIDIA GPU: an ONNX model that ONNX Runtime's TensorRT EP compiles on the device
 
 DeviceInfo is the whole descriptor (`edgestack device-info` prints it); DeviceClass names are what variant
 manifests and bundle metadata carry: `{"built_for": [...], "verified_on": [...]}` (artifact_classes).
@@ -30,6 +31,7 @@ X86_CLASSES = ("x86-vnni", "x86-avx512", "x86-avx2", "x86-sse")
 ARM_CLASSES = ("arm64-dotprod", "arm64-neon")
 CPU_CLASSES = (*X86_CLASSES, *ARM_CLASSES)
 CUDA_CLASS = re.compile(r"^cuda-sm(\d)(\d+)$")
+ANY_CUDA = "cuda-any"
 
 # /proc/cpuinfo flag -> the feature name used here (x86 "flags", AArch64 "Features")
 _X86_FEATURES = {"avx2": "avx2", "fma": "fma", "avx512f": "avx512f", "avx512bw": "avx512bw", "avx512vl": "avx512vl",
@@ -44,9 +46,9 @@ class DeviceClassError(ValueError):
 
 
 def check_class(name: Any) -> str:
-    if isinstance(name, str) and (name in CPU_CLASSES or CUDA_CLASS.match(name)):
+    if isinstance(name, str) and (name in CPU_CLASSES or name == ANY_CUDA or CUDA_CLASS.match(name)):
         return name
-    raise DeviceClassError(f"unknown device class {name!r}; one of {', '.join(CPU_CLASSES)} or cuda-smXY")
+    raise DeviceClassError(f"unknown device class {name!r}; one of {', '.join(CPU_CLASSES)}, cuda-smXY or {ANY_CUDA}")
 
 
 @dataclass(frozen=True)
@@ -180,7 +182,10 @@ class ArtifactClasses:
             raise DeviceClassError(f"verified on {stray} but not built for them")
 
     def fits(self, device_classes: Iterable[str]) -> bool:
-        return bool(set(device_classes) & set(self.built_for))
+        device = set(device_classes)
+        if ANY_CUDA in self.built_for and any(CUDA_CLASS.match(c) for c in device):
+            return True
+        return bool(device & set(self.built_for))
 
     def verified_for(self, device_classes: Iterable[str]) -> bool:
         return bool(set(device_classes) & set(self.verified_on))
@@ -197,6 +202,16 @@ class ArtifactClasses:
             raise DeviceClassError("device classes: verified_on must be a list and notes a mapping")
         return cls(tuple(data["built_for"]), tuple(data.get("verified_on", [])),
                    {str(k): str(v) for k, v in notes.items()})
+
+
+# what a model of each deployment target runs on when nothing more is known of it (FP32 / FP16 models)
+TARGET_CLASSES = {"cpu": CPU_CLASSES, "intel": X86_CLASSES, "nvidia-gpu": (ANY_CUDA,), "jetson": (ANY_CUDA,)}
+
+
+def target_classes(target: str) -> tuple[str, ...]:
+    if target not in TARGET_CLASSES:
+        raise DeviceClassError(f"unknown target {target!r}; one of {', '.join(TARGET_CLASSES)}")
+    return TARGET_CLASSES[target]
 
 
 def fit_problem(classes: ArtifactClasses, device: Iterable[str]) -> str | None:

@@ -22,6 +22,7 @@ the agent, right after persisting that state, create <state_dir>/paused-<STATE> 
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -34,6 +35,7 @@ from typing import Any, Iterator
 from urllib.parse import urlparse
 
 from sidecar.bundle import SignedBundle, verify_bundle
+from sidecar.bundle_classes import check_fits_device, unverified_here
 from sidecar.download import download
 from sidecar.errors import BundleError, DiskSpaceError, DownloadError, HealthGateError, StateError
 from sidecar.health import health_gate, probation, stage_thresholds
@@ -45,6 +47,14 @@ from sidecar.version_folders import VersionFolders, check_free_space
 PAUSE_ENV = "SIDECAR_TEST_PAUSE_AT"
 
 
+def served_target(detector_config: dict[str, Any]) -> str:
+    """The build target of a rendered detector config: cpu, intel (OpenVINO in the Python backend) or nvidia-gpu."""
+    if detector_config.get("backend") != "python" and detector_config.get("platform") != "python":
+        return "nvidia-gpu"
+    raw = detector_config.get("parameters", {}).get("config", {}).get("string_value") or "{}"
+    return "intel" if json.loads(raw).get("runtime") == "openvino" else "cpu"
+
+
 class AgentBusyError(StateError):
     """Another install, rollback or recovery is running."""
 
@@ -53,7 +63,8 @@ class Agent:
     def __init__(self, repository: Path, triton_http_url: str, state_dir: Path, trust: TrustStore, *,
                  detector_model: str = "detect_detector", ensemble_model: str = "detect", keep_versions: int = 3,
                  min_free_bytes: int = 64 << 20, probation_s: float = 60.0, stage: str = "canary",
-                 probation_poll_s: float = 0.5):
+                 probation_poll_s: float = 0.5, target: str | None = None,
+                 device_classes: tuple[str, ...] | None = None):
         if keep_versions < 2:
             raise ValueError("keep_versions must be at least 2 (the serving version and one to roll back to)")
         self.repository = Path(repository)
@@ -70,6 +81,12 @@ class Agent:
         self.probation_poll_s = probation_poll_s
         self.thresholds = stage_thresholds(stage)
         self.control = TritonControl(triton_http_url, self.repository, detector_model, ensemble_model)
+        if device_classes is None:
+            from builder.device_class import detect
+
+            device_classes = detect().classes
+        self.device_classes = tuple(device_classes)
+        self.target = target  # None: the target of the detector the repository serves (served_target)
         self.store = StateStore(self.state_dir / "state.json")
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
@@ -84,6 +101,7 @@ class Agent:
         st = self.store.load() or AgentState()
         out = {k: v for k, v in st.to_dict().items() if k not in ("signed", "history", "format", "bad_bundles")}
         out.update(busy=self._busy, current=st.current, stage=self.thresholds.name, last_error=self.last_error,
+                   device_classes=list(self.device_classes), target=self.target,
                    bad_bundles=len(st.bad_bundles))
         if st.state not in TERMINAL:
             out["recovery"] = RECOVERY[st.state]
@@ -187,7 +205,12 @@ class Agent:
                 since = self.control.statistics(prev)
                 self.control.load_detector([prev, st.candidate])  # the ensemble stays on prev: no traffic moves
                 self._transition(st, State.HEALTH_GATE)
-                report = health_gate(self.control, st.candidate, prev, bundle.expected_outputs, self.thresholds,
+                thresholds = self.thresholds
+                if unverified_here(bundle.signed, self.device_classes):  # only this gate can vouch for it here
+                    thresholds = dataclasses.replace(thresholds, require_expected_outputs=True)
+                    st.note("unverified_class", device_classes=list(self.device_classes),
+                            verified_on=bundle.device_classes.get("verified_on", []))
+                report = health_gate(self.control, st.candidate, prev, bundle.expected_outputs, thresholds,
                                      previous_since=since)
                 st.baseline = report.pop("baseline")
                 st.note("gate_passed", **report)
@@ -214,7 +237,9 @@ class Agent:
             self._check_disk(path.stat().st_size)
             shutil.rmtree(self.staging, ignore_errors=True)
             bases = [self.model_dir / str(v) for v in reversed(st.committed)]  # verified folders only
-            bundle = verify_bundle(path, self.trust, self.staging, base_dirs=bases)
+            target = self.target or served_target(self.control.disk_config(self.detector_model))
+            bundle = verify_bundle(path, self.trust, self.staging, base_dirs=bases,
+                                   accept=lambda signed: check_fits_device(signed, target, self.device_classes))
             if bundle.model_name != self.detector_model:
                 raise BundleError(f"the bundle is for {bundle.model_name}, this agent updates {self.detector_model}")
             bad = st.bad_bundles.get(metadata_sha256(bundle.signed))

@@ -4,9 +4,11 @@ Layout (members in this order; create_bundle writes them deterministically):
   metadata.json          a signed envelope (sidecar/trust.py) whose `signed` is
                          {"_type": "bundle", "version": int (per model name, only ever increasing),
                           "expires": ISO-8601 UTC, "model_name", "model_version": semver, "target",
+                          "device_classes": {"built_for": [...], "verified_on": [...]} (builder.device_class),
                           "files": {relative path: {"sha256", "size", "delta" (optional)}},
                           "base": {"model_version"} (delta bundles), "config_pbtxt": text (optional),
-                          "build_manifest": {...}, "expected_outputs": [{image_b64, boxes, scores, class_ids}]}
+                          "build_manifest": {...}, "expected_outputs": [{image_b64, boxes, scores, class_ids, name}],
+                          "golden": {reference, images, criteria, counts} (sidecar/golden.py; optional)}
   files/<relative path>  one regular file per entry of `files` without a delta, relative to the Triton
                          model version folder
   deltas/<relative path> one sidecar.delta file per entry with a delta other than "unchanged"
@@ -35,11 +37,13 @@ import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, BinaryIO, Iterable, Mapping, Sequence
+from typing import Any, BinaryIO, Callable, Iterable, Mapping, Sequence
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from builder.device_class import ArtifactClasses
 from sidecar import delta as D
+from sidecar.bundle_classes import bundle_classes, default_classes
 from sidecar.bundle_delta import (CHUNK, DELTAS_PREFIX, FILES_PREFIX, UNCHANGED, check_delta_entries, delivery,
                                   file_digest, is_sha256, is_size, member_name, member_sha256, member_size,
                                   plan_deltas, rebuild, resolve_bases)
@@ -95,7 +99,9 @@ def _expected_output(item: Any) -> ExpectedOutput:
         raise BundleError("expected_outputs: class_ids must be a list of integers")
     if not len(boxes) == len(scores) == len(class_ids):
         raise BundleError("expected_outputs: boxes, scores and class_ids differ in length")
-    return ExpectedOutput(item["image_b64"], boxes, scores, class_ids)
+    if not isinstance(item.get("name", ""), str):
+        raise BundleError("expected_outputs: name must be text")
+    return ExpectedOutput(item["image_b64"], boxes, scores, class_ids, item.get("name", ""))
 
 
 def check_bundle_signed(signed: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
@@ -106,6 +112,7 @@ def check_bundle_signed(signed: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
         raise BundleError(f"model_version {signed.get('model_version')!r:.80} is not a semantic version (1.2.0)")
     if signed.get("target") not in TARGETS:
         raise BundleError(f"target {signed.get('target')!r:.40} is not one of {', '.join(TARGETS)}")
+    bundle_classes(signed)
     if signed.get("config_pbtxt") is not None and not isinstance(signed["config_pbtxt"], str):
         raise BundleError("config_pbtxt must be text")
     if not isinstance(signed.get("build_manifest", {}), dict):
@@ -114,6 +121,8 @@ def check_bundle_signed(signed: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
         raise BundleError("expected_outputs must be a list")
     for item in signed.get("expected_outputs", []):
         _expected_output(item)
+    if not isinstance(signed.get("golden", {}), dict):
+        raise BundleError("golden (what made the expected outputs) must be an object")
     files = signed.get("files")
     if not isinstance(files, dict) or not files:
         raise BundleError("bundle metadata lists no files")
@@ -165,13 +174,16 @@ def create_bundle(source_dir: Path, out: Path, *, model_name: str, model_version
                   config_pbtxt: str | None = None, build_manifest: Mapping[str, Any] | None = None,
                   expected_outputs: Iterable[ExpectedOutput | Mapping[str, Any]] = (),
                   base_dir: Path | None = None, base_model_version: str | None = None,
-                  delta_methods: Iterable[str] = D.ALL) -> Path:
+                  delta_methods: Iterable[str] = D.ALL,
+                  device_classes: ArtifactClasses | None = None, golden: Mapping[str, Any] | None = None) -> Path:
     """Sign and write the bundle of one model version folder; the same inputs give the same bytes.
 
     With base_dir (the base version's folder, as built) and base_model_version, a delta bundle: files equal
     to the base's travel as "unchanged", changed ones as the smallest verifying delta (sidecar.bundle_delta).
     Members are sorted with fixed mtime/uid/gid/mode, Ed25519 signatures are deterministic, and `out` is
     replaced atomically. The folder must not change while it is bundled (files are read twice).
+    device_classes: what the model is built and verified for (default_classes when None).
+    golden: what made the expected outputs (sidecar.golden.make_golden_set's record), signed with them.
     """
     source_dir, out = Path(source_dir), Path(out)
     if isinstance(metadata_version, bool) or not isinstance(metadata_version, int) or metadata_version < 1:
@@ -197,6 +209,12 @@ def create_bundle(source_dir: Path, out: Path, *, model_name: str, model_version
         "expected_outputs": [dataclasses.asdict(e) if isinstance(e, ExpectedOutput) else dict(e)
                              for e in expected_outputs],
     }
+    if target not in TARGETS:
+        raise BundleError(f"target {target!r:.40} is not one of {', '.join(TARGETS)}")
+    classes = device_classes or default_classes(target, sources, build_manifest)
+    signed["device_classes"] = classes.to_dict()
+    if golden is not None:
+        signed["golden"] = dict(golden)
     if config_pbtxt is not None:
         signed["config_pbtxt"] = config_pbtxt
     if base_model_version is not None:
@@ -354,14 +372,17 @@ def read_signed_unverified(path: Path) -> dict[str, Any]:
 
 
 def verify_bundle(path: Path, trust: TrustStore, staging: Path, *, base_dirs: Sequence[Path] = (),
-                  now: datetime | None = None, max_metadata_bytes: int = MAX_METADATA_BYTES) -> SignedBundle:
+                  now: datetime | None = None, max_metadata_bytes: int = MAX_METADATA_BYTES,
+                  accept: Callable[[Mapping[str, Any]], None] | None = None) -> SignedBundle:
     """Verify a bundle and stage its files in `staging` (absent or empty; created). On any error the staging
     folder is removed and a SidecarError (BundleError, TrustError..., DiskSpaceError) is raised. Nothing in
     staging is trusted until this returns. The trusted versions are not updated: after a successful install
     the agent calls trust.remember(result.signed).
 
     base_dirs: verified version folders a delta bundle may build on (the device's committed versions, newest
-    first); every base a delta needs is found before anything is extracted."""
+    first); every base a delta needs is found before anything is extracted.
+    accept: called with the trusted, checked metadata before anything is extracted; raises to refuse the
+    bundle (the agent's target and device-class checks)."""
     path, staging = Path(path), Path(staging)
     if staging.exists() and (not staging.is_dir() or any(staging.iterdir())):
         raise BundleError(f"staging folder {staging} must be absent or empty")
@@ -369,6 +390,8 @@ def verify_bundle(path: Path, trust: TrustStore, staging: Path, *, base_dirs: Se
         with _open_bundle(path) as raw, tarfile.open(fileobj=raw, mode="r:") as tar:
             signed = trust.verify_bundle_metadata(_read_metadata(tar, max_metadata_bytes), now)
             files = check_bundle_signed(signed)
+            if accept is not None:
+                accept(signed)
             bases = resolve_bases(signed, files, base_dirs)
             _check_space(staging, sum(entry["size"] for entry in files.values()))
             staging.mkdir(parents=True, exist_ok=True)
@@ -387,4 +410,4 @@ def verify_bundle(path: Path, trust: TrustStore, staging: Path, *, base_dirs: Se
         metadata_version=signed["version"], files={rel: staging / rel for rel in sorted(hashes)},
         file_hashes=dict(sorted(hashes.items())), config_pbtxt=signed.get("config_pbtxt"),
         build_manifest=signed.get("build_manifest", {}), base_version=(signed.get("base") or {}).get("model_version"),
-        delivery=delivery(files), expected_outputs=tuple(_expected_output(e) for e in signed.get("expected_outputs", [])), signed=signed)
+        delivery=delivery(files), device_classes=signed["device_classes"], expected_outputs=tuple(_expected_output(e) for e in signed.get("expected_outputs", [])), signed=signed)

@@ -14,6 +14,7 @@ class ExpectedOutput:
     boxes: list[list[float]]
     scores: list[float]
     class_ids: list[int]
+    name: str = ""  # the image's file name, for the gate's messages
 
 
 @dataclass(frozen=True)
@@ -35,3 +36,4 @@ class VerifiedBundle:
     expected_outputs: tuple[ExpectedOutput, ...] = ()
     base_version: str | None = None  # a delta bundle's base (semantic version)
     delivery: dict[str, str] = field(default_factory=dict)  # path -> "full", "unchanged" or the delta method
+    device_classes: dict[str, Any] = field(default_factory=dict)  # builder.device_class.ArtifactClasses.to_dict()

@@ -145,6 +145,21 @@ def cmd_keys_rotate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _artifact_classes(built_for: list[str] | None, verified_on: list[str] | None):
+    """--device-class / --verified-on as ArtifactClasses; None (the manifest's or the target's) when not given."""
+    from builder.device_class import ArtifactClasses, DeviceClassError
+    from sidecar.errors import SidecarError
+
+    if not built_for:
+        if verified_on:
+            raise SidecarError("--verified-on needs --device-class")
+        return None
+    try:
+        return ArtifactClasses(tuple(built_for), tuple(verified_on or ()))
+    except DeviceClassError as exc:
+        raise SidecarError(str(exc)) from exc
+
+
 def cmd_bundle_create(args: argparse.Namespace) -> int:
     from sidecar.bundle import create_bundle, read_signed_unverified
     from sidecar.errors import SidecarError
@@ -175,7 +190,8 @@ def cmd_bundle_create(args: argparse.Namespace) -> int:
                         metadata_version=args.metadata_version, keys=keys, expires=expires_in(args.expires_days),
                         config_pbtxt=config, build_manifest=manifest, expected_outputs=expected,
                         base_dir=Path(args.base) if args.base else None, base_model_version=args.base_version,
-                        delta_methods=args.delta_methods.split(","))
+                        delta_methods=args.delta_methods.split(","),
+                        device_classes=_artifact_classes(args.device_class, args.verified_on))
     kind = f"delta against {args.base_version}" if args.base else "full"
     print(f"bundle {args.model_name} {args.model_version} ({kind}, metadata v{args.metadata_version}, {args.target}, "
           f"signed by {len(keys)} key(s)) written to {out} ({out.stat().st_size:,} bytes)")
@@ -247,6 +263,13 @@ def add_parser(subparsers) -> tuple[argparse.ArgumentParser, argparse.ArgumentPa
     create.add_argument("--build-manifest", metavar="PATH", help="build manifest.json to carry (its manifest_sha256 is checked)")
     create.add_argument("--expected-outputs", metavar="PATH",
                         help="JSON list of {image_b64, boxes, scores, class_ids} the health gate must reproduce")
+    create.add_argument("--device-class", action="append", metavar="CLASS",
+                        help="a device class the model is built for (repeat for several; see `edgestack device-info`). "
+                             "Default: the --build-manifest's device_classes, else every class of --target for a "
+                             "float model; an INT8 model needs one of the two")
+    create.add_argument("--verified-on", action="append", metavar="CLASS",
+                        help="a device class on which the model's fidelity was measured (repeat); devices of other "
+                             "classes require the bundle's expected outputs to pass their gate")
     create.add_argument("--base", metavar="BASE_VERSION_DIR",
                         help="make a delta bundle against this base version folder (as built): unchanged files "
                              "are not shipped, changed ones as the smallest delta that verifies; devices apply it "

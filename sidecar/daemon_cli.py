@@ -33,6 +33,10 @@ def add_options(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--min-free-bytes", type=int, default=64 << 20, help="disk that must stay free after staging")
     parser.add_argument("--probation-s", type=float, default=60.0, help="probation window after a commit")
     parser.add_argument("--stage", choices=["canary", "ga"], default="canary", help="rollout stage (thresholds)")
+    parser.add_argument("--target", choices=["cpu", "intel", "nvidia-gpu", "jetson"],
+                        help="the build target this device serves (default: the served detector's)")
+    parser.add_argument("--device-class", action="append", metavar="CLASS",
+                        help="this device's class(es) (default: detected, see `edgestack device-info`)")
     parser.add_argument("--watch-s", type=float, default=10.0,
                         help="check Triton against the committed version every S seconds (0: never)")
     return parser
@@ -87,7 +91,8 @@ def run(args: argparse.Namespace) -> int:
         agent = Agent(Path(args.repository), args.triton_http, Path(args.state_dir), trust,
                       detector_model=args.detector_model, ensemble_model=args.ensemble_model,
                       keep_versions=args.keep_versions, min_free_bytes=args.min_free_bytes,
-                      probation_s=args.probation_s, stage=args.stage)
+                      probation_s=args.probation_s, stage=args.stage, target=args.target,
+                      device_classes=_device_classes(args.device_class))
         api = SidecarAPI(agent, args.port)
     except (SidecarError, OSError, ValueError) as exc:
         print(f"sidecar: error: {exc}", file=sys.stderr)
@@ -105,6 +110,16 @@ def run(args: argparse.Namespace) -> int:
     api.serve_forever()
     _log(event="stopped")
     return 0
+
+
+def _device_classes(names: list[str] | None) -> tuple[str, ...] | None:
+    from builder.device_class import DeviceClassError, check_class
+    from sidecar.errors import SidecarError
+
+    try:
+        return tuple(check_class(n) for n in names) if names else None
+    except DeviceClassError as exc:
+        raise SidecarError(str(exc)) from exc
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import base64
 import os
+import re
 import shutil
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Iterator
@@ -411,3 +412,55 @@ def test_compare_detections_tolerances():
     assert "IoU" in compare_detections(expected, [[10, 10, 110, 110]], [0.9], [17], **check)  # class differs
     assert "unexpected" in compare_detections(expected, [[10, 10, 110, 110], [300, 0, 400, 90]], [0.9, 0.7],
                                               [16, 0], **check)
+
+
+# --- device classes ---------------------------------------------------------------------------------------
+
+def _class_bundle(swap_env, name: str, n: int, *, target: str = "cpu", classes=None, expected=()) -> Path:
+    return create_bundle(swap_env.repository / DETECTOR / "1", swap_env.tmp / f"{name}.bundle", model_name=DETECTOR,
+                         model_version=f"1.{n}.0", target=target, metadata_version=n, keys=swap_env.keys.bundle,
+                         expires=EXPIRES, expected_outputs=expected, device_classes=classes)
+
+
+def _assert_refused_before_staging(swap_env, agent: Agent, message: str) -> None:
+    status = agent.status()
+    assert status["state"] == "FAILED" and status["current"] == 1 and message in status["reason"]
+    assert agent.disk_versions() == [1] and leftovers(swap_env.repository) == []
+    assert not agent.staging.exists(), "nothing may be extracted for a bundle of another class"
+    assert swap_env.control.pinned_version() == 1 and swap_env.control.ready_versions() == [1]
+    assert [e["event"] for e in agent.history()].count("install_failed") == 1
+    assert StateStore(agent.state_dir / "state.json").load().bad_bundles == {}, "a misdirected bundle is not bad"
+
+
+@pytest.mark.parametrize("case", ["other-target", "other-class"])
+def test_bundle_for_another_device_class_is_refused_before_staging(swap_env, make_agent, case):
+    from builder.device_class import ArtifactClasses
+
+    agent = make_agent(device_classes=("x86-vnni",))
+    if case == "other-target":  # the reported fault: a GPU bundle committed and served on a CPU device
+        bundle, message = _class_bundle(swap_env, "gpu-target", 60, target="nvidia-gpu"), "target nvidia-gpu"
+    else:  # e.g. full-range U8S8 INT8: exact on VNNI only, built for an AVX2 fleet by mistake
+        bundle = _class_bundle(swap_env, "avx2-only", 61, classes=ArtifactClasses(("x86-avx2",), ("x86-avx2",)))
+        message = "built for device class(es) x86-avx2; this device is x86-vnni"
+    with pytest.raises(BundleError, match=re.escape(message)):
+        agent.install(bundle)
+    _assert_refused_before_staging(swap_env, agent, message)
+    assert "dog" in detect_dog(swap_env.server.grpc_url)
+
+
+def test_unverified_class_must_pass_the_gate_with_expected_outputs(swap_env, make_agent):
+    """A stage that lets a bundle without expected outputs through still refuses one whose model was never
+    verified on this device's class: only its gate can check it here."""
+    from builder.device_class import ArtifactClasses
+    from sidecar.health import STAGES
+
+    lenient = replace(STAGES["canary"], name="lenient", require_expected_outputs=False)
+    unverified = _class_bundle(swap_env, "unverified", 62, classes=ArtifactClasses(("x86-avx2", "x86-vnni"), ("x86-avx2",)))
+    agent = make_agent(device_classes=("x86-vnni",), stage=lenient)
+    with pytest.raises(HealthGateError, match="no expected outputs"):
+        agent.install(unverified)
+    assert agent.status()["current"] == 1 and agent.disk_versions() == [1]
+    assert any(e["event"] == "unverified_class" for e in agent.history())
+
+    verified = _class_bundle(swap_env, "verified", 63, classes=ArtifactClasses(("x86-avx2", "x86-vnni"), ("x86-vnni",)))
+    assert agent.install(verified)["current"] == 2

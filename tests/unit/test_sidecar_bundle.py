@@ -61,7 +61,7 @@ def make(model_dir, out, all_keys, version=1, **kw):
 
 def meta(files: dict[str, bytes], version=1, **extra) -> dict:
     return {"_type": "bundle", "version": version, "expires": LATER, "model_name": "detect_detector",
-            "model_version": "1.2.0", "target": "cpu",
+            "model_version": "1.2.0", "target": "cpu", "device_classes": {"built_for": ["x86-avx2", "x86-vnni"]},
             "files": {rel: {"sha256": hashlib.sha256(d).hexdigest(), "size": len(d)} for rel, d in files.items()},
             **extra}
 
@@ -351,3 +351,22 @@ def test_cli_help(argv, capsys):
     with pytest.raises(SystemExit) as exit_:
         run_cli(*argv, "--help")
     assert exit_.value.code == 0 and "usage: edgestack" in capsys.readouterr().out
+
+
+def test_cli_signs_the_device_classes(tmp_path, model_dir, capsys):
+    keys = tmp_path / "keys"
+    assert run_cli("keys", "init", "--dir", keys) == 0
+    (model_dir / "model.onnx").write_bytes(b"\x08\x07QLinearConv")  # an INT8 graph's op names
+    create = ["bundle", "create", model_dir, "--model-name", "detect_detector", "--model-version", "1.2.0",
+              "--target", "cpu", "--keys", keys]
+    assert run_cli(*create, "--metadata-version", 1, "--out", tmp_path / "a.bundle") == 2
+    assert "model.onnx is an INT8 model" in capsys.readouterr().err
+    assert run_cli(*create, "--metadata-version", 1, "--out", tmp_path / "b.bundle", "--verified-on", "x86-vnni") == 2
+    assert "--verified-on needs --device-class" in capsys.readouterr().err
+    assert run_cli(*create, "--metadata-version", 1, "--out", tmp_path / "c.bundle", "--device-class", "x86-vnni",
+                   "--device-class", "x86-avx2", "--verified-on", "x86-vnni") == 0
+    signed = B.read_signed_unverified(tmp_path / "c.bundle")
+    assert signed["device_classes"] == {"built_for": ["x86-vnni", "x86-avx2"], "verified_on": ["x86-vnni"], "notes": {}}
+    trust = TrustStore(tmp_path / "device")
+    trust.initialize(json.loads((keys / "root.json").read_text()))
+    assert B.verify_bundle(tmp_path / "c.bundle", trust, tmp_path / "s").device_classes == signed["device_classes"]
