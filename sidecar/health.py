@@ -7,6 +7,7 @@ Gate (candidate detector version loaded beside the previous one; the ensemble st
                   the candidate version, and the same postprocess (backends.postprocess.pipeline); every
                   expected detection must be found with the same class, IoU >= iou_min and a score within
                   score_tolerance (detections within score_tolerance of the score threshold may come or go)
+                  all images are checked: one HealthGateError lists every mismatch, by image index and name
   3. latency      median time of the candidate on the same inputs <= latency_factor x the previous
                   version's (+ latency_slack_ms), measured interleaved
 Probation (the candidate serves): for a window, the candidate's statistics are polled; the failure ratio
@@ -117,31 +118,44 @@ def iou(a: Sequence[float], b: Sequence[float]) -> float:
     return inter / union if union > 0 else 0.0
 
 
-def compare_detections(expected: ExpectedOutput, boxes, scores, class_ids, *, iou_min: float,
-                       score_tolerance: float, score_threshold: float) -> str | None:
-    """None when the detections reproduce `expected`, else what differs."""
+def detection_problems(expected: ExpectedOutput, boxes, scores, class_ids, *, iou_min: float,
+                       score_tolerance: float, score_threshold: float) -> list[str]:
+    """Every way the detections fail to reproduce `expected`; empty when they do."""
     actual = [(list(map(float, b)), float(s), int(c)) for b, s, c in zip(boxes, scores, class_ids)]
     borderline = score_threshold + score_tolerance  # below this a detection may drop out or appear
     used: set[int] = set()
+    problems: list[str] = []
     order = sorted(range(len(expected.scores)), key=lambda i: -expected.scores[i])
     for i in order:
         box, score, cls = expected.boxes[i], float(expected.scores[i]), int(expected.class_ids[i])
         candidates = [(iou(box, a[0]), j) for j, a in enumerate(actual) if j not in used and a[2] == cls]
         best_iou, best = max(candidates, default=(0.0, None))
         if best is None or best_iou < iou_min:
-            if score < borderline:
-                continue
-            return (f"expected class {cls} (score {score:.3f}) at {[round(v, 1) for v in box]} not reproduced: "
-                    f"best IoU {best_iou:.3f} < {iou_min}")
+            if score >= borderline:
+                problems.append(f"expected class {cls} (score {score:.3f}) at {[round(v, 1) for v in box]} not "
+                                f"reproduced: best IoU {best_iou:.3f} < {iou_min}")
+            continue
         used.add(best)
         if abs(actual[best][1] - score) > score_tolerance:
-            return (f"class {cls} at {[round(v, 1) for v in box]}: score {actual[best][1]:.3f} differs from the "
-                    f"expected {score:.3f} by more than {score_tolerance}")
+            problems.append(f"class {cls} at {[round(v, 1) for v in box]}: score {actual[best][1]:.3f} differs from "
+                            f"the expected {score:.3f} by more than {score_tolerance}")
     extra = [a for j, a in enumerate(actual) if j not in used and a[1] >= borderline]
     if extra:
-        return (f"{len(extra)} unexpected detection(s), e.g. class {extra[0][2]} (score {extra[0][1]:.3f}) at "
-                f"{[round(v, 1) for v in extra[0][0]]}")
-    return None
+        problems.append(f"{len(extra)} unexpected detection(s), e.g. class {extra[0][2]} (score {extra[0][1]:.3f}) "
+                        f"at {[round(v, 1) for v in extra[0][0]]}")
+    return problems
+
+
+def compare_detections(expected: ExpectedOutput, boxes, scores, class_ids, *, iou_min: float,
+                       score_tolerance: float, score_threshold: float) -> str | None:
+    """None when the detections reproduce `expected`, else every difference, joined by '; '."""
+    problems = detection_problems(expected, boxes, scores, class_ids, iou_min=iou_min,
+                                  score_tolerance=score_tolerance, score_threshold=score_threshold)
+    return "; ".join(problems) if problems else None
+
+
+def _label(index: int, item: ExpectedOutput) -> str:
+    return f"expected output {index}" + (f" ({item.name})" if item.name else "")
 
 
 # --- gate -----------------------------------------------------------------------------------------------
@@ -162,11 +176,15 @@ def health_gate(control: TritonControl, candidate: int, previous: int, expected:
     steps = steps or PipelineSteps(control)
     if not expected and thresholds.require_expected_outputs:
         raise HealthGateError("the bundle carries no expected outputs: the gate cannot check what the model "
-                              "detects (bundle create --expected-outputs)")
-    try:
-        inputs = [steps.preprocess(base64.b64decode(e.image_b64)) for e in expected]
-    except Exception as exc:  # InvalidImageError and friends: the bundle's sample is unusable
-        raise HealthGateError(f"an expected-output image does not preprocess: {exc}") from exc
+                              "detects (bundle create --golden-images, or --expected-outputs)")
+    inputs, unusable = [], []
+    for index, item in enumerate(expected):
+        try:
+            inputs.append(steps.preprocess(base64.b64decode(item.image_b64)))
+        except Exception as exc:  # InvalidImageError and friends: the bundle's sample is unusable
+            unusable.append(f"{_label(index, item)}: {exc}")
+    if unusable:
+        raise HealthGateError(f"{len(unusable)} expected-output image(s) do not preprocess: {'; '.join(unusable)}")
     probe = inputs[0][0] if inputs else _zeros(control)
     report: dict[str, Any] = {"stage": thresholds.name, "candidate": candidate, "previous": previous}
     for n in range(thresholds.warmup_requests):
@@ -175,18 +193,23 @@ def health_gate(control: TritonControl, candidate: int, previous: int, expected:
         except TritonControlError as exc:
             raise HealthGateError(f"warm-up request {n + 1} on v{candidate} failed: {exc}") from exc
     report["warmup_requests"] = thresholds.warmup_requests
+    problems, first_failure = [], None
     for index, ((tensor, transform), item) in enumerate(zip(inputs, expected)):
         try:
             raw = control.infer_detector(candidate, tensor)
             got = steps.postprocess(raw, transform)
-        except SidecarError as exc:
-            raise HealthGateError(f"expected output {index}: v{candidate} failed: {exc}") from exc
-        except Exception as exc:  # postprocess refuses the output (shape, dtype)
-            raise HealthGateError(f"expected output {index}: v{candidate}'s output does not postprocess: {exc}") from exc
+        except Exception as exc:  # SidecarError of the call, or postprocess refusing the output (shape, dtype)
+            first_failure = first_failure or exc
+            what = "failed" if isinstance(exc, SidecarError) else "gave an output that does not postprocess"
+            problems.append(f"{_label(index, item)}: v{candidate} {what}: {exc}")
+            continue
         problem = compare_detections(item, *got, iou_min=thresholds.iou_min, score_tolerance=thresholds.score_tolerance,
                                      score_threshold=steps.score_threshold)
         if problem:
-            raise HealthGateError(f"expected output {index} differs on v{candidate}: {problem}")
+            problems.append(f"{_label(index, item)} differs: {problem}")
+    if problems:
+        raise HealthGateError(f"v{candidate} does not reproduce {len(problems)} of {len(inputs)} expected outputs:\n  "
+                              + "\n  ".join(problems)) from first_failure
     report["expected_outputs_checked"] = len(inputs)
     times: dict[int, list[float]] = {candidate: [], previous: []}
     try:
