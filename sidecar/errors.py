@@ -7,6 +7,7 @@ SidecarError
  |    +-- ExpiredError     metadata past its expiry (freeze attack)
  |    +-- RollbackError    metadata older than the newest already trusted (rollback attack)
  +-- BundleError           a bundle is malformed, or a file's size or hash differs from its metadata
+ |    +-- GoldenSetError   expected outputs too weak for the gate, or their reference pipeline failed
  +-- DeltaError            a delta does not apply: wrong base, corrupt delta, result hash differs
  +-- DownloadError         a download failed after its bounded number of tries
  +-- DiskSpaceError        not enough free disk to stage a version
@@ -38,6 +39,10 @@ class RollbackError(TrustError):
 
 class BundleError(SidecarError):
     """A bundle is malformed or its contents differ from its signed metadata."""
+
+
+class GoldenSetError(BundleError):
+    """A golden set (expected outputs) is too weak for the health gate, or the reference could not make it."""
 
 
 class DeltaError(SidecarError):
