@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from sidecar.delta import ALL as DELTA_METHODS
+from sidecar.golden_cli import add_bundle_create_options, add_golden_parser, bundle_expected
 
 ROOT_JSON = "root.json"
 
@@ -182,7 +183,7 @@ def cmd_bundle_create(args: argparse.Namespace) -> int:
         if manifest_sha256(manifest) != manifest["manifest_sha256"]:
             raise SidecarError(f"{args.build_manifest}: manifest_sha256 does not match its content")
     config = Path(args.config).read_text(encoding="utf-8") if args.config else None
-    expected = _json_file(args.expected_outputs, "expected outputs") if args.expected_outputs else ()
+    expected, golden = bundle_expected(args, _json_file)
     if (args.base is None) != (args.base_version is None):
         raise SidecarError("a delta bundle needs both --base and --base-version")
     out = create_bundle(Path(args.model_version_dir), Path(args.out), model_name=args.model_name,
@@ -191,7 +192,7 @@ def cmd_bundle_create(args: argparse.Namespace) -> int:
                         config_pbtxt=config, build_manifest=manifest, expected_outputs=expected,
                         base_dir=Path(args.base) if args.base else None, base_model_version=args.base_version,
                         delta_methods=args.delta_methods.split(","),
-                        device_classes=_artifact_classes(args.device_class, args.verified_on))
+                        device_classes=_artifact_classes(args.device_class, args.verified_on), golden=golden)
     kind = f"delta against {args.base_version}" if args.base else "full"
     print(f"bundle {args.model_name} {args.model_version} ({kind}, metadata v{args.metadata_version}, {args.target}, "
           f"signed by {len(keys)} key(s)) written to {out} ({out.stat().st_size:,} bytes)")
@@ -262,7 +263,8 @@ def add_parser(subparsers) -> tuple[argparse.ArgumentParser, argparse.ArgumentPa
     create.add_argument("--config", metavar="PATH", help="config.pbtxt to carry (e.g. the model folder's)")
     create.add_argument("--build-manifest", metavar="PATH", help="build manifest.json to carry (its manifest_sha256 is checked)")
     create.add_argument("--expected-outputs", metavar="PATH",
-                        help="JSON list of {image_b64, boxes, scores, class_ids} the health gate must reproduce")
+                        help="JSON list of {image_b64, boxes, scores, class_ids} the health gate must reproduce, or "
+                             "a golden file (bundle golden)")
     create.add_argument("--device-class", action="append", metavar="CLASS",
                         help="a device class the model is built for (repeat for several; see `edgestack device-info`). "
                              "Default: the --build-manifest's device_classes, else every class of --target for a "
@@ -279,5 +281,7 @@ def add_parser(subparsers) -> tuple[argparse.ArgumentParser, argparse.ArgumentPa
                         help=f"delta methods to try (default {','.join(DELTA_METHODS)})")
     create.add_argument("--expires-days", type=float, default=90, metavar="D",
                         help="the metadata expires after D days (default 90): devices refuse it afterwards")
+    add_bundle_create_options(create)
     create.set_defaults(func=lambda a: _run("bundle create", cmd_bundle_create, a))
+    add_golden_parser(bundle_sub, _run)
     return keys, bundle

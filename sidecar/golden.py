@@ -87,7 +87,7 @@ class Reference:
     output_format: str
     input: dict[str, Any]  # backends.preprocess.image_ops.InputSpec fields
     limits: dict[str, Any]  # DecodeLimits fields
-    num_classes: int
+    class_names: tuple[str, ...]
     thresholds: dict[str, Any]  # score, iou, max_detections, class_agnostic
     settings: str  # where the settings come from, for the record
 
@@ -96,7 +96,7 @@ class Reference:
         """From PipelineSpec.to_dict() (a spec file loaded, or the `spec` of a .pipeline.json)."""
         try:
             return cls(Path(spec["model_path"]), spec["input_name"], spec["output"]["name"], spec["output"]["format"],
-                       dict(spec["input"]), dict(spec["limits"]), len(spec["classes"]), dict(spec["thresholds"]),
+                       dict(spec["input"]), dict(spec["limits"]), tuple(spec["classes"]), dict(spec["thresholds"]),
                        settings)
         except (KeyError, TypeError) as exc:
             raise GoldenSetError(f"{settings}: not a pipeline spec record ({exc!r})") from exc
@@ -117,9 +117,10 @@ def reference_from_spec(path: Path) -> Reference:
     return Reference.from_spec_dict(spec.to_dict(), f"spec {path}")
 
 
-def reference_from_repository(repository: Path, detector_model: str | None = None) -> Reference:
+def reference_from_repository(repository: Path, detector_model: str | None = None, *,
+                              check_model: bool = True) -> Reference:
     """The settings the repository was rendered with: the .pipeline.json of the pipeline whose detector is
-    detector_model (or the only one). Its source model must be the file it was rendered from."""
+    detector_model (or the only one). With check_model, its source model must be the file it was rendered from."""
     repository = Path(repository)
     records = {}
     for path in sorted(repository.glob(f"*{PIPELINE_SUFFIX}")):
@@ -136,6 +137,8 @@ def reference_from_repository(repository: Path, detector_model: str | None = Non
                              "reference (--golden-spec / --spec)")
     (path, record), = records.items()
     reference = Reference.from_spec_dict(record.get("spec", {}), f"repository {path}")
+    if not check_model:
+        return reference
     if not reference.model_path.is_file():
         raise GoldenSetError(f"{path}: source model {reference.model_path} is gone; give --golden-spec")
     if sha256_file(reference.model_path) != record.get("model_sha256"):
@@ -183,7 +186,7 @@ def run_reference(reference: Reference, images: Sequence[Path]) -> list[Expected
         session = make_session(str(reference.model_path), intra_op_threads=2)
     except Exception as exc:  # ValueError of the settings, onnxruntime's load errors
         raise GoldenSetError(f"reference model {reference.model_path} ({reference.settings}): {exc}") from exc
-    options = dict(num_classes=reference.num_classes, score_threshold=reference.score_threshold,
+    options = dict(num_classes=len(reference.class_names), score_threshold=reference.score_threshold,
                    iou_threshold=float(reference.thresholds["iou"]),
                    max_detections=int(reference.thresholds["max_detections"]),
                    class_agnostic=bool(reference.thresholds.get("class_agnostic", False)))
