@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from backends.common import tensors as T
+from backends.postprocess.formats import get_format
 from builder import steps
 from builder.errors import BuilderError, TargetError
 from builder.input_fusion import fuse_input_conversion
@@ -67,16 +68,10 @@ def check_interface(spec: PipelineSpec, interface: ModelInterface) -> None:
         )
     if model_in.dtype != spec.input.dtype:
         raise BuilderError(f"model input {spec.input_name!r} is {model_in.dtype}, the spec says {spec.input.dtype}")
-    out = interface.outputs[spec.output.name]
-    if spec.output.format == "detections" and (len(out.shape) != 3 or out.shape[-1] not in (-1, 6)):
-        raise BuilderError(f"format 'detections' needs an output [B, K, 6]; {spec.output.name!r} is {out.shape}")
-    if spec.output.format == "yolov8":
-        if len(out.shape) != 3:
-            raise BuilderError(f"format 'yolov8' needs an output [B, 4 + C, N]; {spec.output.name!r} is {out.shape}")
-        if out.shape[1] not in (-1, 4 + len(spec.classes)):
-            raise BuilderError(f"yolov8 output has {out.shape[1]} channels but the spec lists {len(spec.classes)} classes (need 4 + C)")
-    elif spec.output.format == "detections" and len(spec.classes) < 1:
-        raise BuilderError("classes must not be empty")
+    problem = get_format(spec.output.format).check_shapes([interface.outputs[spec.output.name].shape],
+                                                          len(spec.classes))
+    if problem:
+        raise BuilderError(f"{spec.output.name!r}: {problem}")
 
 
 def _sha256(path: Path) -> str:

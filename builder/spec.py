@@ -12,11 +12,12 @@ from typing import Any, Mapping
 
 import yaml
 
+from backends.postprocess.formats import FORMATS
 from backends.preprocess.image_ops import DecodeLimits as Limits
 from backends.preprocess.image_ops import InputSpec
 from builder.errors import SpecError
 
-OUTPUT_FORMATS = ("detections", "yolov8")
+OUTPUT_FORMATS = tuple(FORMATS)
 TARGETS = ("cpu", "intel", "nvidia-gpu", "jetson")
 
 
@@ -32,7 +33,8 @@ class OutputSpec:
 
     def __post_init__(self) -> None:
         _require(bool(self.name), "model.output.name must name the model's output tensor")
-        _require(self.format in OUTPUT_FORMATS, f"model.output.format {self.format!r} is not one of {OUTPUT_FORMATS}")
+        _require(self.format in FORMATS, f"model.output.format {self.format!r} is not one of: " + "; ".join(
+            f"{f.name} ({f.summary})" for f in FORMATS.values()))
 
 
 @dataclass(frozen=True)

@@ -1,13 +1,13 @@
 """One image's raw detector output -> final detections on original-image pixels."""
 from __future__ import annotations
 
-from typing import Union
+from typing import Sequence, Union
 
 import numpy as np
 
 from backends.common.geometry import Transform, map_boxes_to_original
 from backends.errors import InvalidTensorError
-from backends.postprocess.decoders import DECODERS
+from backends.postprocess.formats import get_format
 from backends.postprocess.nms import batched_nms
 
 Detections = tuple[np.ndarray, np.ndarray, np.ndarray]
@@ -18,7 +18,7 @@ def _empty() -> Detections:
 
 
 def postprocess_image(
-    raw: np.ndarray,
+    raw: Union[np.ndarray, Sequence[np.ndarray]],
     output_format: str,
     transform: Union[Transform, np.ndarray],
     *,
@@ -30,19 +30,25 @@ def postprocess_image(
 ) -> Detections:
     """Decode, keep score > score_threshold, NMS, map to original pixels, keep the best max_detections.
 
+    raw is the detector's output tensor, or one per output of the format (formats.OutputFormat.outputs).
     transform is a Transform (or its float32[6] array form). Boxes that are empty after mapping and
     clipping to the image are dropped before the max_detections cut. Returns boxes float32 [K, 4]
     (x1, y1, x2, y2), scores float32 [K], class_ids int32 [K], in descending score order.
     """
-    decoder = DECODERS.get(output_format)
-    if decoder is None:
-        raise InvalidTensorError(f"unknown output format {output_format!r}; known: {sorted(DECODERS)}")
+    try:
+        fmt = get_format(output_format)
+    except KeyError as exc:
+        raise InvalidTensorError(str(exc.args[0])) from None
     if max_detections < 0:
         raise ValueError(f"max_detections must be >= 0, got {max_detections}")
     if not isinstance(transform, Transform):
         transform = Transform.from_array(transform)
 
-    boxes, scores, class_ids = decoder(raw, num_classes, score_threshold=score_threshold)
+    tensors = [raw] if isinstance(raw, np.ndarray) else list(raw)
+    if len(tensors) != len(fmt.outputs):
+        raise InvalidTensorError(f"format {fmt.name!r} reads {len(fmt.outputs)} output tensor(s) "
+                                 f"({', '.join(fmt.outputs)}), got {len(tensors)}")
+    boxes, scores, class_ids = fmt.decode(tensors, num_classes, score_threshold=score_threshold)
     if scores.size == 0 or max_detections == 0:
         return _empty()
 

@@ -5,7 +5,9 @@ import pytest
 
 from backends.common.geometry import Transform, compute_transform
 from backends.errors import InvalidTensorError
-from backends.postprocess.decoders import DECODERS, decode_detections, decode_yolov8
+from backends.postprocess.formats import FORMATS
+from backends.postprocess.formats.detections import decode_detections
+from backends.postprocess.formats.yolov8 import decode_yolov8
 from backends.postprocess.nms import batched_nms, nms
 from backends.postprocess.pipeline import postprocess_image
 
@@ -186,10 +188,35 @@ def test_decode_yolov8_wrong_channel_count_raises():
         decode_yolov8(np.zeros((1, 84, 8400, 1), np.float32), 80)
 
 
-def test_decoders_registry_uniform_signature():
-    assert set(DECODERS) == {"detections", "yolov8"}
-    assert DECODERS["yolov8"](yolov8_tensor(), 3)[2].tolist() == [1, 0, 2, 2]
-    assert DECODERS["detections"](np.array([[0, 0, 1, 1, 0.5, 1]]), 3)[2].tolist() == [1]
+def test_format_registry_uniform_signature():
+    assert set(FORMATS) == {"detections", "yolov8"}
+    assert FORMATS["yolov8"].decode([yolov8_tensor()], 3)[2].tolist() == [1, 0, 2, 2]
+    assert FORMATS["detections"].decode([np.array([[0, 0, 1, 1, 0.5, 1]])], 3)[2].tolist() == [1]
+    assert all(len(f.outputs) >= 1 and f.summary for f in FORMATS.values())
+
+
+@pytest.mark.parametrize("name, shape, classes, problem", [
+    ("detections", (-1, -1, 6), 80, None),
+    ("detections", (1, 100, 7), 80, "needs an output [B, K, 6]"),
+    ("detections", (1, 600), 80, "needs an output [B, K, 6]"),
+    ("yolov8", (1, 84, 8400), 80, None),
+    ("yolov8", (1, 8400, 84), 80, None),  # transposed export: decode_yolov8 reads it too
+    ("yolov8", (-1, 7, -1), 3, None),
+    ("yolov8", (1, 84, 8400), 3, "no dimension of 4 + C = 7"),
+    ("yolov8", (84, 8400), 80, "needs an output [B, 4 + C, N] or [B, N, 4 + C]"),
+])
+def test_format_shape_checks_agree_with_the_decoders(name, shape, classes, problem):
+    result = FORMATS[name].check_shapes([shape], classes)
+    assert (result is None) if problem is None else (problem in result)
+    if problem is None and -1 not in shape:  # what the build accepts, the decoder reads
+        FORMATS[name].decode([np.zeros(shape, np.float32)], classes)
+
+
+def test_postprocess_refuses_unknown_format_and_wrong_tensor_count():
+    with pytest.raises(InvalidTensorError, match="unknown output format 'ssd'; known: detections, yolov8"):
+        postprocess_image(np.zeros((1, 6), np.float32), "ssd", IDENTITY, **KW)
+    with pytest.raises(InvalidTensorError, match="reads 1 output tensor"):
+        postprocess_image([np.zeros((1, 6), np.float32)] * 2, "detections", IDENTITY, **KW)
 
 
 # ---------------------------------------------------------------- pipeline
