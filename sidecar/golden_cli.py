@@ -44,8 +44,8 @@ def _criteria(args: argparse.Namespace) -> GoldenCriteria:
     return GoldenCriteria(**{field: getattr(args, flag.lstrip("-").replace("-", "_")) for field, flag in FLAGS.items()})
 
 
-def _print_set(made: dict[str, Any], class_names: tuple[str, ...], out=sys.stdout) -> None:
-    golden, counts = made["golden"], made["golden"]["counts"]
+def _print_set(made: dict[str, Any], class_names: tuple[str, ...]) -> None:
+    golden, counts, out = made["golden"], made["golden"]["counts"], sys.stdout
     name = lambda c: class_names[c] if 0 <= c < len(class_names) else str(c)  # noqa: E731
     print(f"golden set from {golden['reference']['model']} ({golden['reference']['settings']}), confident at "
           f"score >= {counts['confident_at']}:", file=out)
