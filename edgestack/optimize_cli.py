@@ -19,7 +19,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         variants=tuple(v.strip() for v in args.variants.split(",") if v.strip()), calibration_count=args.calibration_count,
         threads=args.threads, per_channel=not args.per_tensor, symmetric_activations=args.symmetric_activations,
         keep_head_float=not args.quantize_head, labels=Path(args.labels) if args.labels else None,
-        latency_budget_ms=args.latency_budget_ms, accuracy_floor=args.accuracy_floor,
+        latency_budget_ms=args.latency_budget_ms, accuracy_floor=args.accuracy_floor, device_class=args.device_class,
     )
     result = optimize(spec, settings)
     picked, reason = result["selection"]
@@ -27,11 +27,12 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     print(f"selection: {reason}")
     if picked is not None:
         print(f"serve it: edgestack build {args.spec} --variant {Path(picked['path']).parent} --out model_repository")
-    return 0 if picked is not None or (args.latency_budget_ms is None and args.accuracy_floor is None) else 1
+    return 0 if picked is not None else 1
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    from builder.optimize.pipeline import DEFAULT_VARIANTS, KNOWN_VARIANTS
+    from builder.device_class import CPU_CLASSES
+    from builder.optimize.pipeline import DEFAULT_ACCURACY_FLOOR, DEFAULT_VARIANTS, KNOWN_VARIANTS
 
     parser = subparsers.add_parser(
         "optimize", help="quantize/compile variants, measure accuracy and latency, report, pick one",
@@ -50,6 +51,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--symmetric-activations", action="store_true")
     parser.add_argument("--quantize-head", action="store_true", help="quantize the detection head too (default: keep it float)")
     parser.add_argument("--latency-budget-ms", type=float, help="pick only variants with p50 at or under this")
-    parser.add_argument("--accuracy-floor", type=float, help="pick only variants with mAP@0.5 vs FP32 at or over this")
+    parser.add_argument("--accuracy-floor", type=float, default=DEFAULT_ACCURACY_FLOOR,
+                        help="never pick a variant whose fidelity mAP@0.5 vs FP32, measured on this machine, is under "
+                             "this (default %(default)s)")
+    parser.add_argument("--device-class", choices=CPU_CLASSES, default=None,
+                        help="CPU class the INT8 variants are built for (default: this machine's, `edgestack "
+                             "device-info`); INT8 kernels differ per class (docs/INT8.md)")
     parser.set_defaults(func=cmd_optimize)
     return parser

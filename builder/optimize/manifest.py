@@ -87,9 +87,10 @@ def _canonical(data: Any) -> bytes:
 
 
 def build_manifest(variant: Variant, *, source_model: Path, spec: PipelineSpec, calibration_sha256: str | None,
-                   metrics: dict) -> dict[str, Any]:
+                   metrics: dict, device_classes: dict[str, Any] | None = None) -> dict[str, Any]:
     """The variant's files and their sha256, the source model's, the spec, tool versions, calibration hash,
-    metrics and options; manifest_sha256 is the hash of all of that (canonical JSON, sorted keys)."""
+    metrics, options and device classes (ArtifactClasses.to_dict(): built_for, verified_on, notes);
+    manifest_sha256 is the hash of all of that (canonical JSON, sorted keys)."""
     source_model = Path(source_model)
     manifest = {
         "format": MANIFEST_FORMAT,
@@ -109,6 +110,8 @@ def build_manifest(variant: Variant, *, source_model: Path, spec: PipelineSpec, 
         "metrics": metrics,
         "options": variant.options,
     }
+    if device_classes is not None:
+        manifest["device_classes"] = device_classes
     manifest = to_json(manifest)
     manifest["manifest_sha256"] = hashlib.sha256(_canonical(manifest)).hexdigest()
     return manifest

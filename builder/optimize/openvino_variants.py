@@ -266,7 +266,8 @@ def build_openvino_int8(source: Path, out_dir: Path, calibration: CalibrationSet
                         ignored_patterns: Sequence[str] = (), preset: str = "mixed", subset_size: int | None = None,
                         compute_only: bool = True, float_depthwise: bool = True, float_postprocess: bool = True,
                         activation_range: str | None = None, fast_bias_correction: bool = True,
-                        outputs: Sequence[str] | None = None, fold: bool = True, name: str | None = None) -> Variant:
+                        overflow_fix: str | None = None, outputs: Sequence[str] | None = None, fold: bool = True,
+                        name: str | None = None) -> Variant:
     """Post-training INT8 quantization with NNCF over the calibration images (model-input tensors).
 
     compute_only: quantize only the inputs of convolutions / matmuls; elementwise and data-movement ops
@@ -283,6 +284,9 @@ def build_openvino_int8(source: Path, out_dir: Path, calibration: CalibrationSet
     preset: NNCF's "mixed" (symmetric weights, asymmetric activations) or "performance" (symmetric both).
     activation_range: an nncf RangeEstimatorParametersSet name for activations ("minmax", "histogram",
         ...); None keeps NNCF's default.
+    overflow_fix: NNCF's OverflowFix ("enable": 7-bit weights everywhere, exact on x86 CPUs without VNNI, whose
+        int8 dot product saturates; "first_layer_only"; "disable"); None keeps NNCF's default (first layer only).
+        builder/optimize/int8_classes.py chooses it per device class.
     subset_size: calibration images used (default: all of them). outputs / fold: as build_openvino.
     """
     import nncf
@@ -293,7 +297,7 @@ def build_openvino_int8(source: Path, out_dir: Path, calibration: CalibrationSet
         raise BuilderError("INT8 quantization needs at least one calibration image")
     if subset_size is not None and subset_size < 1:
         raise BuilderError(f"subset_size must be at least 1, got {subset_size}")
-    advanced = _advanced_parameters(activation_range)
+    advanced = _advanced_parameters(activation_range, overflow_fix)
     started = time.perf_counter()
     model, options = _prepare(source, outputs, fold)
     known = {op.get_friendly_name() for op in model.get_ops()}
@@ -341,6 +345,7 @@ def build_openvino_int8(source: Path, out_dir: Path, calibration: CalibrationSet
         "float_depthwise": float_depthwise,
         "activation_range": activation_range,
         "fast_bias_correction": fast_bias_correction,
+        "overflow_fix": overflow_fix,
         "float_postprocess": float_postprocess,
         "ignored_names": names,
         "ignored_types": types,
@@ -354,14 +359,21 @@ def build_openvino_int8(source: Path, out_dir: Path, calibration: CalibrationSet
     return Variant(name or "ov-int8", "openvino", "int8", path, options, TARGETS)
 
 
-def _advanced_parameters(activation_range: str | None):
-    if activation_range is None:
+def _advanced_parameters(activation_range: str | None, overflow_fix: str | None = None):
+    if activation_range is None and overflow_fix is None:
         return None
-    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters
+    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
     from nncf.quantization.range_estimator import RangeEstimatorParametersSet
 
-    known = [n.lower() for n in dir(RangeEstimatorParametersSet) if n.isupper()]
-    if activation_range.lower() not in known:
-        raise BuilderError(f"activation_range {activation_range!r} is not one of {known}")
-    estimator = getattr(RangeEstimatorParametersSet, activation_range.upper())
-    return AdvancedQuantizationParameters(activations_range_estimator_params=estimator)
+    parameters = {}
+    if activation_range is not None:
+        known = [n.lower() for n in dir(RangeEstimatorParametersSet) if n.isupper()]
+        if activation_range.lower() not in known:
+            raise BuilderError(f"activation_range {activation_range!r} is not one of {known}")
+        parameters["activations_range_estimator_params"] = getattr(RangeEstimatorParametersSet, activation_range.upper())
+    if overflow_fix is not None:
+        fixes = [f.value for f in OverflowFix]
+        if overflow_fix not in fixes:
+            raise BuilderError(f"overflow_fix {overflow_fix!r} is not one of {fixes}")
+        parameters["overflow_fix"] = OverflowFix(overflow_fix)
+    return AdvancedQuantizationParameters(**parameters)

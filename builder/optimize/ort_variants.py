@@ -35,7 +35,9 @@ from builder.optimize.ort_common import (FP32_TARGETS, GPU_TARGETS, MODEL_FILE, 
 from builder.optimize.ort_fp16 import build_fp16
 from builder.optimize.ort_graph import (count_ops, default_head_exclusions, executed_graph, float_resizes,
                                         quantized_op_counts, requantized_by_ort)
+from builder.optimize import ort_entropy
 from builder.optimize import ort_int8_rewrites as rewrites
+from builder.optimize.ort_entropy import entropy_ranges
 from builder.optimize.variants import Variant
 
 __all__ = ["MODEL_FILE", "FP32_TARGETS", "GPU_TARGETS", "CALIBRATION_METHODS", "ORT_CALIBRATION_METHODS",
@@ -47,6 +49,7 @@ ORT_CALIBRATION_METHODS = ("minmax", "entropy", "percentile")  # ORT's own calib
 CALIBRATION_METHODS = (*ORT_CALIBRATION_METHODS, "mean-quantile")
 QUANT_FORMATS = ("qdq", "qoperator")
 QUANT_TYPES = ("uint8", "int8")
+ENTROPY_BINS = ort_entropy.DEFAULT_NUM_BINS
 
 
 @dataclass(frozen=True)
@@ -224,12 +227,13 @@ def op_types_to_quantize(exclude: tuple[str, ...]) -> list[str]:
 def _effective_calibration(options: QuantOptions) -> str:
     """What quantize_static really computes for options.calibration (ORT 1.22).
 
-    quantize_static cannot pass num_bins to the EntropyCalibrater, which then uses 128 histogram bins and 128
-    quantized bins: the KL search has a single candidate, the whole histogram, clipped to the observed min/max.
-    The result is the min/max range: on the fixture detector the entropy and minmax models are byte-identical.
+    entropy: ORT's EntropyCalibrater histograms with ENTROPY_BINS bins and its KL search (ort_entropy), given to
+    quantize_static as overrides; through quantize_static itself it would get 128 bins = 128 quantized bins, one
+    KL candidate, which is min/max (byte-identical models on the fixture detector).
     """
     if options.calibration == "entropy":
-        return "minmax-equivalent (ORT quantize_static entropy: 128 bins = 128 quantized bins, one KL candidate)"
+        return (f"KL divergence over {ENTROPY_BINS}-bin histograms, {ort_entropy.DEFAULT_QUANTIZED_BINS} quantized bins "
+                "(ORT's EntropyCalibrater search), clipped to the observed min/max (TensorQuantOverrides)")
     if options.calibration == "percentile":
         return f"percentile {options.percentile:g} of |x| (2048-bin histogram), clipped to the observed min/max"
     if options.calibration == "mean-quantile":
@@ -282,17 +286,22 @@ def _quantize(prepared: Path, target: Path, calibration: CalibrationSet, input_n
     if options.float_resize:
         done["float_resize_nodes"] = rewrites.resize_nodes(model)
         exclude += [n for n in done["float_resize_nodes"] if n not in exclude]
+    done["op_types_to_quantize"] = op_types_to_quantize(options.exclude_op_types)
+    ranges = None
     if options.calibration == "mean-quantile":
         ranges = rewrites.mean_quantile_ranges(prepared, calibration.tensors, input_name, options.outlier_prob)
         if options.float_resize:
             done["resize_ranges_widened"] = rewrites.separate_resize_ranges(ranges, model, done["float_resize_nodes"])
+    elif options.calibration == "entropy":
+        ranges = entropy_ranges(prepared, ({input_name: np.ascontiguousarray(t, np.float32)} for t in calibration.tensors),
+                                done["op_types_to_quantize"], ENTROPY_BINS)
+    if ranges is not None:
         extra_options["TensorQuantOverrides"] = rewrites.range_overrides(ranges)
         done["range_overrides"] = {"tensors": len(ranges), "sha256": hashlib.sha256(
             repr(sorted(ranges.items())).encode()).hexdigest()}
-    method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+    method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.MinMax,
               "percentile": CalibrationMethod.Percentile,
-              "mean-quantile": CalibrationMethod.MinMax}[options.calibration]  # every range overridden
-    done["op_types_to_quantize"] = op_types_to_quantize(options.exclude_op_types)
+              "mean-quantile": CalibrationMethod.MinMax}[options.calibration]  # entropy, mean-quantile: all overridden
     quantize_static(
         str(prepared), str(target), _reader(calibration, input_name),
         quant_format=QuantFormat.QDQ if options.quant_format == "qdq" else QuantFormat.QOperator,

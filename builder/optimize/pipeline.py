@@ -12,12 +12,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from builder.device_class import host_class
 from builder.errors import BuilderError
+from builder.optimize import int8_classes
 from builder.optimize.calibration import IMAGE_SUFFIXES, CalibrationSet, load_calibration_set
 from builder.optimize.variants import Variant, VariantRunner, save_variant
 from builder.spec import PipelineSpec
 
 QUANT_CALIBRATIONS = ("minmax", "entropy", "percentile")
+# fidelity mAP@0.5 vs FP32, measured on this machine, under which a variant is never picked
+DEFAULT_ACCURACY_FLOOR = 0.90
 # int8-mean-quantile: the FAST_INT8 recipe of ort_variants (mean-quantile ranges, Resize float, scalar Muls folded)
 KNOWN_VARIANTS = ("fp32", "fp16", *(f"int8-{c}" for c in QUANT_CALIBRATIONS), "int8-mean-quantile", "ov-fp32",
                   "ov-fp16", "ov-int8", "trt-fp16", "trt-int8")
@@ -37,7 +41,8 @@ class OptimizeSettings:
     keep_head_float: bool = True
     labels: Path | None = None
     latency_budget_ms: float | None = None
-    accuracy_floor: float | None = None
+    accuracy_floor: float = DEFAULT_ACCURACY_FLOOR
+    device_class: str | None = None  # the CPU class the INT8 variants are built for; None: this machine's
     latency_runs: int = 30
     throughput_seconds: float = 3.0
 
@@ -47,6 +52,14 @@ class OptimizeSettings:
             raise BuilderError(f"unknown variant(s) {unknown}; known: {', '.join(KNOWN_VARIANTS)}")
         if self.threads < 1:
             raise BuilderError(f"threads must be >= 1, got {self.threads}")
+        if isinstance(self.accuracy_floor, bool) or not isinstance(self.accuracy_floor, (int, float)) \
+                or not 0.0 <= self.accuracy_floor <= 1.0:
+            raise BuilderError(f"accuracy floor must be a mAP@0.5 in [0, 1], got {self.accuracy_floor!r}")
+        if self.device_class is not None:
+            int8_classes.settings_for(self.device_class)
+
+    def target_class(self) -> str:
+        return self.device_class or host_class()
 
 
 def _builders(spec: PipelineSpec, settings: OptimizeSettings, calibration: CalibrationSet) -> dict[str, Callable[[Path], Variant]]:
@@ -56,9 +69,10 @@ def _builders(spec: PipelineSpec, settings: OptimizeSettings, calibration: Calib
 
     source = spec.model_path
     head = ort.default_head_exclusions(source) if settings.keep_head_float else ()
+    isa = int8_classes.settings_for(settings.target_class())
 
     def int8(**recipe) -> Callable[[Path], Variant]:
-        options = ort.QuantOptions(**recipe, per_channel=settings.per_channel,
+        options = ort.QuantOptions(**{"per_channel": settings.per_channel, **recipe, **isa.ort},
                                    symmetric_activations=settings.symmetric_activations, exclude_nodes=tuple(head))
         return lambda out: ort.build_int8(source, out, calibration, spec.input_name, options)
 
@@ -67,7 +81,7 @@ def _builders(spec: PipelineSpec, settings: OptimizeSettings, calibration: Calib
         "fp16": lambda out: ort.build_fp16(source, out),
         "ov-fp32": lambda out: ov.build_openvino(source, out, "fp32"),
         "ov-fp16": lambda out: ov.build_openvino(source, out, "fp16"),
-        "ov-int8": lambda out: ov.build_openvino_int8(source, out, calibration),
+        "ov-int8": lambda out: ov.build_openvino_int8(source, out, calibration, overflow_fix=isa.openvino_overflow_fix),
         "trt-fp16": lambda out: build_tensorrt(source, out, "fp16"),
         "trt-int8": lambda out: build_tensorrt(source, out, "int8", calibration=calibration),
     }
@@ -124,7 +138,7 @@ def optimize(spec: PipelineSpec, settings: OptimizeSettings, log: Callable[[str]
     from builder.model_inspect import inspect_onnx
     from builder.optimize.manifest import build_manifest, write_manifest
     from builder.optimize.report import write_report
-    from builder.optimize.select import select_variant
+    from builder.optimize.select import refusals, select_variant
 
     calibration = load_calibration_set(settings.calibration_dir, spec.input, spec.limits, settings.calibration_count)
     images = sorted(p for p in Path(settings.eval_dir).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
@@ -132,8 +146,9 @@ def optimize(spec: PipelineSpec, settings: OptimizeSettings, log: Callable[[str]
         raise BuilderError(f"evaluation folder {settings.eval_dir} has no images")
     eval_tensors = list(load_calibration_set(settings.eval_dir, spec.input, spec.limits).batches())
     fixed_batch = inspect_onnx(spec.model_path).fixed_batch
+    host, target = host_class(), settings.target_class()
     log(f"calibration: {len(calibration)} images ({calibration.sha256[:12]}); evaluation: {len(images)} images; "
-        f"{settings.threads} thread(s)")
+        f"{settings.threads} thread(s); INT8 for device class {target}, measured on {host}")
 
     builders = _builders(spec, settings, calibration)
     order = ["fp32"] + [v for v in settings.variants if v != "fp32"]
@@ -152,15 +167,22 @@ def optimize(spec: PipelineSpec, settings: OptimizeSettings, log: Callable[[str]
         row, detections = _measure(variant, spec, settings, images, eval_tensors, fixed_batch, reference)
         if reference is None:
             reference = detections
+        classes = int8_classes.artifact_classes(int8_classes.built_for(variant), host, target).to_dict()
+        row["device_classes"] = classes
         manifest = build_manifest(variant, source_model=spec.model_path, spec=spec,
-                                  calibration_sha256=variant.options.get("calibration_sha256"), metrics=row)
+                                  calibration_sha256=variant.options.get("calibration_sha256"), metrics=row,
+                                  device_classes=classes)
         write_manifest(manifest, variant.path.parent)
-        save_variant(variant, manifest)
+        save_variant(variant, manifest, device_classes=classes)
         rows.append(row)
         log(f"  {name}: p50 {row['p50_ms']:.1f} ms, mAP@0.5 vs fp32 {row['map50']:.3f}")
 
     selection = select_variant(rows, latency_budget_ms=settings.latency_budget_ms, accuracy_floor=settings.accuracy_floor)
+    refused = refusals(rows, latency_budget_ms=settings.latency_budget_ms, accuracy_floor=settings.accuracy_floor)
+    for row in rows:
+        row["refused"] = refused.get(row["name"])
     context = {"machine": platform.processor() or platform.machine(), "cores": os.cpu_count(), "threads": settings.threads,
+               "host_device_class": host, "int8_device_class": target,
                "evaluation_images": len(images), "calibration_images": len(calibration),
                "calibration_sha256": calibration.sha256, "skipped": skipped,
                "latency_budget_ms": settings.latency_budget_ms, "accuracy_floor": settings.accuracy_floor}

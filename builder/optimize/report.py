@@ -5,7 +5,8 @@ A row is a flat dict per variant (variant_row builds one from the evaluate.py re
   p50_ms, p99_ms, mean_ms, images_per_s, best_batch, throughput_note,
   map50, map50_95 (fidelity to the FP32 reference's detections), fidelity_note,
   labelled_map50, labelled_map50_95 (against a labels file, when one was given),
-  quantized_ops ({op type: count}), error (why the variant could not be measured).
+  quantized_ops ({op type: count}), error (why the variant could not be measured),
+  device_classes (ArtifactClasses.to_dict()), refused (why the selection may not pick it).
 Missing values are None; every key is optional for write_report.
 """
 from __future__ import annotations
@@ -80,6 +81,13 @@ def _cell(text: Any) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
+def _unverified(classes: dict) -> str:
+    """The notes of an ArtifactClasses record that say where its fidelity was not measured, or a dash."""
+    if classes.get("verified_on"):
+        return "–"
+    return "; ".join(sorted(set(classes.get("notes", {}).values()))) or "unverified: no fidelity measured"
+
+
 def _markdown(rows: list[dict], selection: tuple[dict | None, str] | None, context: dict) -> str:
     has_labelled = any(_number(r.get("labelled_map50")) is not None for r in rows)
     has_ops = any(r.get("quantized_ops") for r in rows)
@@ -122,6 +130,15 @@ def _markdown(rows: list[dict], selection: tuple[dict | None, str] | None, conte
                  f"detections with score >= {high} as ground truth; 1.0 means the same boxes, classes and ranking.")
     if notes:
         lines += ["", "Notes:", ""] + notes
+    classes = [(str(r.get("name", "?")), r["device_classes"]) for r in rows if r.get("device_classes")]
+    if classes:
+        lines += ["", "## Device classes", "", "| variant | built for | verified on (fidelity measured) | notes |",
+                  "|---|---|---|---|"]
+        lines += [f"| {_cell(name)} | {', '.join(c.get('built_for', []))} | {', '.join(c.get('verified_on', [])) or 'none'} | "
+                  f"{_cell(_unverified(c))} |" for name, c in classes]
+    refused = [(str(r.get("name", "?")), r["refused"]) for r in rows if r.get("refused")]
+    if refused:
+        lines += ["", "## Refused", ""] + [f"- {_cell(name)}: {_cell(why)}" for name, why in refused]
     lines += ["", "## Selection", ""]
     if selection is None:
         lines.append("No selection was asked for (no latency budget or accuracy floor).")

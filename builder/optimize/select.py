@@ -49,27 +49,11 @@ def select_variant(rows: list[dict], *, latency_budget_ms: float | None, accurac
     (or None when nothing qualifies) and a human-readable reason naming every rejection.
     """
     label = metric_label(metric)
-    qualified: list[tuple[dict, float, float | None]] = []
-    rejected: list[str] = []
-    for row in rows:
-        name = str(row.get("name", "?"))
-        p50, acc = _number(row.get("p50_ms")), _number(row.get(metric))
-        problems = []
-        if row.get("error"):
-            problems.append(f"failed ({row['error']})")
-        if p50 is None:
-            problems.append("no latency measured")
-        elif latency_budget_ms is not None and p50 > latency_budget_ms:
-            problems.append(f"p50 {_ms(p50)} > {latency_budget_ms:g} ms budget")
-        if accuracy_floor is not None:
-            if acc is None:
-                problems.append(f"no {label} measured")
-            elif acc < accuracy_floor:
-                problems.append(f"{label} {_fmt(acc)} < {accuracy_floor:g} floor")
-        if problems:
-            rejected.append(f"rejected {name}: " + ", ".join(problems))
-        else:
-            qualified.append((row, p50, acc))
+    refused = refusals(rows, latency_budget_ms=latency_budget_ms, accuracy_floor=accuracy_floor, metric=metric)
+    qualified: list[tuple[dict, float, float | None]] = [
+        (row, _number(row.get("p50_ms")), _number(row.get(metric))) for row in rows
+        if str(row.get("name", "?")) not in refused]
+    rejected = [f"rejected {name}: {why}" for name, why in refused.items()]
 
     constraints = []
     if latency_budget_ms is not None:
@@ -116,6 +100,30 @@ def select_variant(rows: list[dict], *, latency_budget_ms: float | None, accurac
         parts.append("faster than " + ", ".join(f"{row.get('name')} ({_ms(p50)})" for row, p50, _ in slower))
     parts.extend(rejected)
     return best, "; ".join(parts)
+
+
+def refusals(rows: list[dict], *, latency_budget_ms: float | None, accuracy_floor: float | None,
+             metric: str = "map50") -> dict[str, str]:
+    """{name: why} of every row select_variant may not pick: failed, unmeasured, over the budget, under the floor."""
+    label = metric_label(metric)
+    refused = {}
+    for row in rows:
+        p50, acc = _number(row.get("p50_ms")), _number(row.get(metric))
+        problems = []
+        if row.get("error"):
+            problems.append(f"failed ({row['error']})")
+        if p50 is None:
+            problems.append("no latency measured")
+        elif latency_budget_ms is not None and p50 > latency_budget_ms:
+            problems.append(f"p50 {_ms(p50)} > {latency_budget_ms:g} ms budget")
+        if accuracy_floor is not None:
+            if acc is None:
+                problems.append(f"no {label} measured")
+            elif acc < accuracy_floor:
+                problems.append(f"{label} {_fmt(acc)} < {accuracy_floor:g} floor")
+        if problems:
+            refused[str(row.get("name", "?"))] = ", ".join(problems)
+    return refused
 
 
 def _size(value: float | None) -> str:

@@ -51,8 +51,11 @@ class Variant:
 VARIANT_FILE = "variant.json"
 
 
-def save_variant(variant: Variant, manifest: dict[str, Any] | None = None) -> Path:
-    """Write variant.json (the Variant and its build manifest) beside the variant's model file."""
+def save_variant(variant: Variant, manifest: dict[str, Any] | None = None,
+                 device_classes: dict[str, Any] | None = None) -> Path:
+    """Write variant.json (the Variant, its device classes and its build manifest) beside the variant's model file.
+
+    device_classes: builder.device_class.ArtifactClasses.to_dict() (built_for, verified_on, notes)."""
     import json
 
     record = {
@@ -64,6 +67,8 @@ def save_variant(variant: Variant, manifest: dict[str, Any] | None = None) -> Pa
         "targets": list(variant.targets),
         "manifest": manifest or {},
     }
+    if device_classes is not None:
+        record["device_classes"] = device_classes
     out = variant.path.parent / VARIANT_FILE
     out.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     return out
