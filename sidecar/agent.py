@@ -13,8 +13,9 @@ install(bundle):
                  [N]; trust.remember(metadata); N joins the committed versions (the last keep_versions)
   PROBATION      sidecar.health.probation on N for probation_s
   DONE           version folders beyond the committed ones are removed
-Any failure after STAGING rolls back (ROLLING_BACK -> FAILED): pin P, load only P, remove N's folder, and
-the bundle is recorded as bad with the reason. Each state is persisted BEFORE its side effects, so
+Any failure after STAGING rolls back (ROLLING_BACK -> FAILED): pin P, load only P, remove N's folder; the
+bundle is blocked only when the failure verified it bad, not after Triton trouble or a crash (sidecar.blocklist;
+rollback and recovery live in sidecar.agent_rollback). Each state is persisted BEFORE its side effects, so
 recover() (sidecar.state.RECOVERY) can finish or undo whatever a crash interrupted.
 
 Structured logs: one JSON line per transition on stderr. Test hook: SIDECAR_TEST_PAUSE_AT=<STATE> makes
@@ -34,12 +35,13 @@ from pathlib import Path
 from typing import Any, Iterator
 from urllib.parse import urlparse
 
+from sidecar.agent_rollback import RollbackMixin
 from sidecar.bundle import SignedBundle, verify_bundle
 from sidecar.bundle_classes import check_fits_device, unverified_here
 from sidecar.download import download
 from sidecar.errors import BundleError, DiskSpaceError, DownloadError, HealthGateError, StateError
 from sidecar.health import health_gate, probation, stage_thresholds
-from sidecar.state import RECOVERY, TERMINAL, AgentState, State, StateStore, now_iso, recovery_action
+from sidecar.state import RECOVERY, TERMINAL, AgentState, State, StateStore, now_iso
 from sidecar.triton_control import TritonControl
 from sidecar.trust import TrustStore, metadata_sha256
 from sidecar.version_folders import VersionFolders, check_free_space
@@ -59,7 +61,7 @@ class AgentBusyError(StateError):
     """Another install, rollback or recovery is running."""
 
 
-class Agent:
+class Agent(RollbackMixin):
     def __init__(self, repository: Path, triton_http_url: str, state_dir: Path, trust: TrustStore, *,
                  detector_model: str = "detect_detector", ensemble_model: str = "detect", keep_versions: int = 3,
                  min_free_bytes: int = 64 << 20, probation_s: float = 60.0, stage: str = "canary",
@@ -195,7 +197,7 @@ class Agent:
             prev = st.current
             started = time.monotonic()
             st.bundle, st.previous, st.candidate, st.reason = source, prev, None, None
-            st.signed = st.baseline = st.model_version = st.metadata_version = None
+            st.signed = st.baseline = st.model_version = st.metadata_version = st.failure_kind = None
             st.note("install_started", bundle=source, previous=prev)
             if self.control.pinned_version() != prev or self.control.ready_versions() != [prev]:
                 self.control.restore(prev)  # before any new folder exists: never let "latest" pick it up
@@ -218,7 +220,7 @@ class Agent:
                 self._commit(st, started)
                 self._probation(st)
             except Exception as exc:
-                self._rollback(st, f"{type(exc).__name__}: {exc}")
+                self._rollback_after(st, exc)
                 raise
             return self.status()
 
@@ -242,9 +244,10 @@ class Agent:
                                    accept=lambda signed: check_fits_device(signed, target, self.device_classes))
             if bundle.model_name != self.detector_model:
                 raise BundleError(f"the bundle is for {bundle.model_name}, this agent updates {self.detector_model}")
-            bad = st.bad_bundles.get(metadata_sha256(bundle.signed))
-            if bad:
-                raise BundleError(f"this bundle was rolled back before ({bad}); publish a fixed one")
+            sha = metadata_sha256(bundle.signed)
+            if sha in st.bad_bundles:
+                raise BundleError(f"this bundle was rolled back before ({st.bad_bundles[sha]}); publish a fixed one, "
+                                  f"or `edgestack sidecar unblock {sha[:12]}` if it was not the bundle's fault")
             version = max(self.disk_versions() + st.committed) + 1
             st.note("verified", model_version=bundle.version, base_version=bundle.base_version,
                     delivery=bundle.delivery)
@@ -314,109 +317,3 @@ class Agent:
                 self.store.save(st)
             self._log(event="root_updated", root_version=signed["version"], expires=signed["expires"])
             return {"root_version": signed["version"], "expires": signed["expires"]}
-
-    # --- rollback ---------------------------------------------------------------------------------------
-
-    def rollback(self, reason: str) -> dict[str, Any]:
-        """Stop an install in flight (it rolls back at its next step), or roll the serving version back to
-        the previous committed one; its folder is removed and its bundle recorded as bad."""
-        if self._busy and self._busy.startswith(("install", "recover")):
-            self._abort = reason
-        with self._exclusive(f"rollback ({reason})", wait_s=900):
-            if self._abort_taken:
-                self._abort_taken = False
-                return self.status()
-            self._abort = None
-            st = self._load()
-            if st.state not in TERMINAL:
-                raise StateError(f"an install was interrupted in {st.state.value}: run recover() first")
-            if len(st.committed) < 2:
-                raise StateError(f"v{st.current} is the only committed version: nothing to roll back to")
-            bad, target = st.committed[-1], st.committed[-2]
-            if not (st.candidate == bad and st.state == State.DONE):
-                st.signed, st.bundle, st.model_version, st.metadata_version = None, None, None, None
-            st.candidate, st.previous = bad, target
-            self._rollback(st, f"manual rollback: {reason}")
-            return self.status()
-
-    def _rollback(self, st: AgentState, reason: str) -> None:
-        self._log(event="rollback", candidate=st.candidate, previous=st.previous, reason=reason)
-        self._transition(st, State.ROLLING_BACK, reason=reason)
-        self._finish_rollback(st)
-
-    def _finish_rollback(self, st: AgentState) -> None:
-        prev, bad = st.previous, st.candidate
-        if not (self.model_dir / str(prev)).is_dir():
-            raise StateError(f"cannot roll back: the folder of v{prev} is gone")
-        if prev not in self.control.ready_versions():  # the ensemble may be on `bad`: load prev beside it first
-            keep_bad = bad is not None and self.control.pinned_version() == bad
-            try:
-                self.control.load_detector([prev, bad] if keep_bad else [prev])
-            except Exception:
-                if not keep_bad:
-                    raise
-                self.control.load_detector([prev])
-        self.control.pin_ensemble(prev)
-        self.control.load_detector([prev])
-        if bad is not None and bad != prev:
-            self.folders.remove(bad)
-        if st.signed:
-            st.bad_bundles[metadata_sha256(st.signed)] = st.reason or "rolled back"
-        committed = [v for v in st.committed if v != bad]
-        st.note("rolled_back", bad_version=bad, restored=prev, bundle=st.bundle, model_version=st.model_version,
-                reason=st.reason, bad=True)
-        self._transition(st, State.FAILED, committed=committed if prev in committed else committed + [prev])
-
-    # --- recovery ---------------------------------------------------------------------------------------
-
-    def recover(self) -> dict[str, Any]:
-        """Finish or undo what the persisted state says was in flight (sidecar.state.RECOVERY), then make
-        Triton serve exactly the committed version. Run at start, and after Triton restarts."""
-        with self._exclusive("recover"):
-            self._abort_taken = False
-            st = self._load()
-            found = st.state
-            action = recovery_action(found)
-            self._log(event="recover", state=found.value, action=RECOVERY[found])
-            st.note("recover", found=found.value, action=action)
-            getattr(self, f"_recover_{action}")(st, found)
-            return self.status()
-
-    def _recover_restore(self, st: AgentState, found: State) -> None:
-        self._clean_leftovers(st)
-        self.control.restore(st.current)
-        self.store.save(st)
-
-    def _recover_discard(self, st: AgentState, found: State) -> None:
-        shutil.rmtree(self.staging, ignore_errors=True)
-        self._transition(st, State.IDLE, reason=f"install interrupted in {found.value} (agent restarted); discarded")
-        self._recover_restore(st, found)
-
-    def _recover_unstage(self, st: AgentState, found: State) -> None:
-        if st.candidate not in st.committed:
-            self.folders.remove(st.candidate)
-        self._transition(st, State.IDLE, reason=f"install interrupted in {found.value} (agent restarted); unstaged")
-        self._recover_restore(st, found)
-
-    def _recover_rollback(self, st: AgentState, found: State) -> None:
-        self._rollback(st, f"agent restarted during {found.value}: v{st.candidate} was never verified")
-
-    def _recover_finish_commit(self, st: AgentState, found: State) -> None:
-        try:
-            self._commit(st)
-            self._probation(st)
-        except Exception as exc:
-            self._rollback(st, f"{type(exc).__name__}: {exc}")
-
-    def _recover_restart_probation(self, st: AgentState, found: State) -> None:
-        try:
-            if self.control.pinned_version() != st.candidate or self.control.ready_versions() != [st.candidate]:
-                self.control.restore(st.candidate)
-            if st.signed:
-                self.trust.remember(st.signed)
-            self._probation(st)
-        except Exception as exc:
-            self._rollback(st, f"{type(exc).__name__}: {exc}")
-
-    def _recover_finish_rollback(self, st: AgentState, found: State) -> None:
-        self._finish_rollback(st)

@@ -8,8 +8,11 @@
   POST /rollback {"reason": TEXT}   stops an install in flight, or rolls back to the previous committed version
   POST /root {"root": ENVELOPE}     key rotation: trust the next root.json (signed by the current root's
                                     threshold and by its own), made by `edgestack keys rotate`
-Errors: 400 bad request, 404 unknown path, 409 busy or an interrupted install, 422 the install or rollback
-failed (the body says why), 500 anything else.
+  GET  /blocked                     bundles refused because an install verified them bad (sha256, reason, ...)
+  POST /unblock {"sha256": PREFIX, "reason": TEXT}
+                                    let a blocked bundle be installed again; recorded in the history
+Errors: 400 bad request, 404 unknown path, 409 busy or an interrupted install, 422 the install, rollback or
+unblock failed (the body says why), 500 anything else.
 """
 from __future__ import annotations
 
@@ -101,6 +104,13 @@ class SidecarAPI:
             return HTTPStatus.OK, {**self.agent.versions(), **self.live_versions()}
         if method == "GET" and path == "/history":
             return HTTPStatus.OK, self.agent.history()
+        if method == "GET" and path == "/blocked":
+            return HTTPStatus.OK, self.agent.blocked()
+        if method == "POST" and path == "/unblock":
+            prefix, reason = body.get("sha256"), body.get("reason")
+            if not isinstance(prefix, str) or not isinstance(reason, str) or not reason.strip():
+                raise _BadRequest('unblock needs {"sha256": "hex prefix", "reason": "why"}')
+            return HTTPStatus.OK, self.agent.unblock(prefix, reason)
         if method == "POST" and path == "/install":
             return self.install(body)
         if method == "POST" and path == "/root":

@@ -1,7 +1,8 @@
-"""`edgestack sidecar status|versions|history|install|rollback|root`: the daemon's API (sidecar.api) from a shell.
+"""`edgestack sidecar status|versions|history|blocked|install|rollback|unblock|root`: the daemon's API (sidecar.api)
+from a shell.
 
 Each command sends one request to the daemon on this device (--api, default http://127.0.0.1:8010) and
-prints its JSON answer. Exit codes: 0 done; 1 the install or rollback failed (rolled back; the answer says
+prints its JSON answer. Exit codes: 0 done; 1 the install, rollback or unblock failed (the answer says
 why); 3 the daemon is busy or an interrupted install must be recovered first; 2 anything else (daemon not
 reachable, bad request).
 """
@@ -46,6 +47,8 @@ def _run(args: argparse.Namespace) -> int:
         body["wait"] = not args.no_wait
     elif args.ctl_command == "rollback":
         body = {"reason": args.reason}
+    elif args.ctl_command == "unblock":
+        body = {"sha256": args.sha256_prefix, "reason": args.reason}
     elif args.ctl_command == "root":
         try:
             body = {"root": json.loads(Path(args.root_json).read_text(encoding="utf-8"))}
@@ -68,7 +71,8 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def add_commands(subparsers) -> None:
-    """Register status, versions, history, install, rollback and root on the `sidecar` command's subparsers."""
+    """Register status, versions, history, blocked, install, rollback, unblock and root on the `sidecar` command's
+    subparsers."""
     def command(name: str, help_: str) -> argparse.ArgumentParser:
         parser = subparsers.add_parser(name, help=help_, description=help_ + ". " + __doc__.split("\n\n")[1])
         parser.add_argument("--api", default=DEFAULT_API, help=f"the daemon's API (default {DEFAULT_API})")
@@ -80,6 +84,7 @@ def add_commands(subparsers) -> None:
     command("versions", "current, previous, kept and on-disk versions, and what Triton serves")
     history = command("history", "the persisted history: transitions, gate reports, rollbacks with reasons")
     history.add_argument("--last", type=int, default=0, metavar="N", help="only the last N entries")
+    command("blocked", "bundles refused because an install verified them bad (sha256, reason, when)")
     install = command("install", "install a bundle file (full or delta) or a registry URL, and wait for the result")
     install.add_argument("source", metavar="BUNDLE_OR_URL")
     install.add_argument("--sha256", help="the bundle's sha256 (required for a URL)")
@@ -87,12 +92,18 @@ def add_commands(subparsers) -> None:
     install.add_argument("--no-wait", action="store_true", help="return once the install started (HTTP 202)")
     rollback = command("rollback", "stop an install in flight, or go back to the previous committed version")
     rollback.add_argument("--reason", required=True, help="recorded in the history and with the bad bundle")
+    unblock = command("unblock", "let a blocked bundle be installed again (recorded in the history)")
+    unblock.add_argument("sha256_prefix", metavar="BUNDLE_SHA_OR_PREFIX",
+                         help="the sha256 of the blocked bundle's signed metadata, or 8+ hex digits of it "
+                              "(`sidecar blocked` lists them)")
+    unblock.add_argument("--reason", required=True, help="why it may be installed again (recorded in the history)")
     root = command("root", "key rotation: make the daemon trust the next root.json (from `edgestack keys rotate`)")
     root.add_argument("root_json", metavar="ROOT_JSON")
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m sidecar.ctl_cli status|versions|history|install|rollback|root ...` (no edgestack CLI needed)."""
+    """`python -m sidecar.ctl_cli status|versions|history|blocked|install|rollback|unblock|root ...` (no edgestack
+    CLI needed)."""
     parser = argparse.ArgumentParser(prog="python -m sidecar.ctl_cli", description=__doc__.split("\n\n")[0])
     add_commands(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)

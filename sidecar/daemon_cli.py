@@ -135,8 +135,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="sidecar_command", required=True)
     run_parser = sub.add_parser("run", help="run the daemon (as `python -m sidecar`)",
                                 description="The sidecar daemon: recovers any interrupted install, then serves a "
-                                            "JSON API on 127.0.0.1 (GET /status /versions /history, POST /install "
-                                            "/rollback /root).")
+                                            "JSON API on 127.0.0.1 (GET /status /versions /history /blocked, POST "
+                                            "/install /rollback /unblock /root).")
     add_options(run_parser)
     run_parser.set_defaults(func=run)
     ctl_cli.add_commands(sub)

@@ -12,7 +12,10 @@ SidecarError
  +-- DownloadError         a download failed after its bounded number of tries
  +-- DiskSpaceError        not enough free disk to stage a version
  +-- TritonControlError    Triton refused or failed a repository/inference call
+ |    +-- TritonUnavailableError  Triton did not answer: connection refused or reset, timeout
  +-- HealthGateError       a staged version failed the health gate (warm-up, expected outputs, latency)
+ |    +-- GateInconclusiveError  the gate could not decide (latency too noisy): not a verdict on the bundle
+ +-- BlocklistError        no blocked bundle matches (or several do) what `unblock` names
  +-- StateError            the persisted state file is unreadable or inconsistent
 """
 
@@ -61,8 +64,20 @@ class TritonControlError(SidecarError):
     """Triton refused or failed a control or inference call."""
 
 
+class TritonUnavailableError(TritonControlError):
+    """Triton did not answer (connection refused or reset, timeout): nothing was learned about the model."""
+
+
 class HealthGateError(SidecarError):
     """A staged version failed its health gate; `reason` says which check."""
+
+
+class GateInconclusiveError(HealthGateError):
+    """The gate could not tell whether the version is good (e.g. latency too noisy to decide)."""
+
+
+class BlocklistError(SidecarError):
+    """No blocked bundle, or more than one, matches the sha256 prefix given."""
 
 
 class StateError(SidecarError):

@@ -8,8 +8,9 @@ Gate (candidate detector version loaded beside the previous one; the ensemble st
                   expected detection must be found with the same class, IoU >= iou_min and a score within
                   score_tolerance (detections within score_tolerance of the score threshold may come or go)
                   all images are checked: one HealthGateError lists every mismatch, by image index and name
-  3. latency      median time of the candidate on the same inputs <= latency_factor x the previous
-                  version's (+ latency_slack_ms), measured interleaved
+  3. latency      the candidate against the previous version in interleaved rounds under the same load
+                  (sidecar.latency): refused only when verified slower than latency_factor x the previous
+                  version's time (+ latency_slack_ms); too noisy to tell raises GateInconclusiveError
 Probation (the candidate serves): for a window, the candidate's statistics are polled; the failure ratio
 and the compute time per inference (against the previous version's, taken at the gate) must stay within
 the stage's bounds. Every failed check raises HealthGateError saying which and by how much.
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import base64
 import json
-import statistics
 import time
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Sequence
@@ -27,20 +27,24 @@ import numpy as np
 
 from sidecar.bundle_types import ExpectedOutput
 from sidecar.errors import HealthGateError, SidecarError, TritonControlError
+from sidecar.latency import check_latency
 from sidecar.triton_control import TritonControl, VersionStats
 
 
 @dataclass(frozen=True)
 class StageThresholds:
     name: str
-    latency_factor: float  # gate: candidate median <= factor x previous median + slack
+    latency_factor: float  # gate: candidate <= factor x previous + slack (sidecar.latency)
     probation_max_fail_ratio: float  # failed / all inferences of the candidate during the window
     probation_latency_factor: float  # compute_infer per inference <= factor x the previous version's
     latency_slack_ms: float = 30.0
     iou_min: float = 0.9
     score_tolerance: float = 0.05
     warmup_requests: int = 2
-    latency_runs: int = 3
+    latency_min_rounds: int = 10  # the interval of the median needs n >= 10 at alpha 0.001
+    latency_max_rounds: int = 40
+    latency_alpha: float = 0.001  # error rate of a "too slow" verdict, which blocks the bundle
+    latency_pass_alpha: float = 0.05  # of passing before latency_max_rounds (probation still watches)
     probation_min_inferences: int = 5  # fewer in the window: no latency verdict
     require_expected_outputs: bool = True
 
@@ -160,12 +164,6 @@ def _label(index: int, item: ExpectedOutput) -> str:
 
 # --- gate -----------------------------------------------------------------------------------------------
 
-def _timed(func: Callable[[], Any]) -> float:
-    start = time.perf_counter()
-    func()
-    return time.perf_counter() - start
-
-
 def health_gate(control: TritonControl, candidate: int, previous: int, expected: Sequence[ExpectedOutput],
                 thresholds: StageThresholds, steps: PipelineSteps | None = None,
                 previous_since: VersionStats | None = None) -> dict[str, Any]:
@@ -211,20 +209,7 @@ def health_gate(control: TritonControl, candidate: int, previous: int, expected:
         raise HealthGateError(f"v{candidate} does not reproduce {len(problems)} of {len(inputs)} expected outputs:\n  "
                               + "\n  ".join(problems)) from first_failure
     report["expected_outputs_checked"] = len(inputs)
-    times: dict[int, list[float]] = {candidate: [], previous: []}
-    try:
-        for _ in range(thresholds.latency_runs):
-            for version in (previous, candidate):
-                times[version].append(_timed(lambda: control.infer_detector(version, probe)))
-    except TritonControlError as exc:
-        raise HealthGateError(f"latency run failed: {exc}") from exc
-    cand_ms, prev_ms = (statistics.median(times[v]) * 1000 for v in (candidate, previous))
-    bound_ms = thresholds.latency_factor * prev_ms + thresholds.latency_slack_ms
-    report["latency_ms"] = {"candidate": round(cand_ms, 2), "previous": round(prev_ms, 2), "bound": round(bound_ms, 2)}
-    if cand_ms > bound_ms:
-        raise HealthGateError(f"v{candidate} is too slow: median {cand_ms:.1f} ms on the same inputs, bound "
-                              f"{bound_ms:.1f} ms ({thresholds.latency_factor}x v{previous}'s {prev_ms:.1f} ms "
-                              f"+ {thresholds.latency_slack_ms} ms)")
+    report["latency_ms"] = check_latency(control, candidate, previous, probe, thresholds)
     now = control.statistics(previous)
     recent = now.minus(previous_since) if previous_since is not None else None
     if recent is not None and min(recent.compute_infer_count, recent.inference_count) < 0:
@@ -263,7 +248,8 @@ def check_window(delta: VersionStats, baseline: dict[str, Any] | None, threshold
 
 def probation(control: TritonControl, version: int, baseline: dict[str, Any] | None, thresholds: StageThresholds,
               window_s: float, poll_s: float = 0.5, abort: Callable[[], str | None] = lambda: None) -> dict[str, Any]:
-    """Watch `version` for window_s seconds; the window's statistics, or HealthGateError."""
+    """Watch `version` for window_s seconds; the window's statistics, or HealthGateError (TritonControlError
+    when the version is no longer loaded)."""
     try:
         start = control.statistics(version)
     except TritonControlError as exc:
@@ -274,7 +260,7 @@ def probation(control: TritonControl, version: int, baseline: dict[str, Any] | N
         if stop:
             raise HealthGateError(f"probation of v{version} stopped: {stop}")
         if not control.is_ready(control.detector_model, version):
-            raise HealthGateError(f"probation: v{version} is no longer ready")
+            raise TritonControlError(f"probation: v{version} is no longer ready")
         try:
             delta = control.statistics(version).minus(start)
         except TritonControlError as exc:

@@ -53,13 +53,16 @@ RECOVERY: dict[State, str] = {
     State.VERIFYING: "discard: remove the staging folder (nothing was trusted or staged), back to IDLE",
     State.STAGING: "unstage: remove the half-staged version folder (never a committed one), back to IDLE",
     State.LOADING: "rollback: the candidate may be half loaded and is unverified: pin the ensemble to the previous "
-                   "version, load only that, remove the candidate folder, FAILED",
-    State.HEALTH_GATE: "rollback: the gate did not pass: pin previous, load only previous, remove the candidate, FAILED",
+                   "version, load only that, remove the candidate folder, FAILED (transient: the bundle stays "
+                   "installable)",
+    State.HEALTH_GATE: "rollback: the gate did not finish: pin previous, load only previous, remove the candidate, "
+                       "FAILED (transient: the bundle stays installable)",
     State.COMMITTING: "finish_commit: the gate passed: pin the ensemble to the candidate, load only it, record it "
                       "as committed and trusted, then probation",
     State.PROBATION: "restart_probation: the candidate is committed: run a whole probation window again, then DONE "
                      "(or roll back)",
-    State.ROLLING_BACK: "finish_rollback: pin previous, load only previous, remove the candidate, FAILED",
+    State.ROLLING_BACK: "finish_rollback: pin previous, load only previous, remove the candidate, FAILED (the bundle "
+                        "is blocked if failure_kind is verified_bad)",
 }
 
 
@@ -79,11 +82,12 @@ class AgentState:
     previous: int | None = None  # committed version when that install started (the rollback target)
     committed: list[int] = field(default_factory=list)  # last K good versions, oldest first; [-1] serves
     reason: str | None = None  # why the last install or rollback failed
+    failure_kind: str | None = None  # of the last rollback: verified_bad or transient (sidecar.blocklist)
     model_version: str | None = None  # candidate's semantic version (from its signed metadata)
     metadata_version: int | None = None
     signed: dict[str, Any] | None = None  # candidate's verified metadata: to finish a commit after a crash
     baseline: dict[str, Any] | None = None  # previous version's statistics, for probation
-    bad_bundles: dict[str, str] = field(default_factory=dict)  # metadata sha256 -> why it was rolled back
+    bad_bundles: dict[str, str] = field(default_factory=dict)  # metadata sha256 -> why it was verified bad
     history: list[dict[str, Any]] = field(default_factory=list)
     updated_at: str | None = None
 

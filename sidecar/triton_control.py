@@ -15,7 +15,8 @@ __pycache__ a Python model writes) FROM DISK, and the rendered detector config (
 load the newest folder, whether it passed the gate or not, and drop the version the ensemble is pinned to.
 With disk == override, such reloads change nothing, and a restarted Triton in any mode serves what the
 agent last loaded. Load the detector BEFORE the ensemble. tritonclient's HTTP client is not thread-safe,
-so each thread gets its own. Every tritonclient or connection error is raised as TritonControlError.
+so each thread gets its own. Every tritonclient error is raised as TritonControlError, connection errors
+and timeouts as its subclass TritonUnavailableError.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ import numpy as np
 
 from builder import triton_config, triton_config_render
 from builder.errors import BuilderError
-from sidecar.errors import TritonControlError
+from sidecar.errors import TritonControlError, TritonUnavailableError
 
 T = TypeVar("T")
 CONTROL_TIMEOUT_S = 300.0  # a load of Python-backend models can take a while on a small device
@@ -90,7 +91,7 @@ class TritonControl:
             raise TritonControlError(f"{what}: {exc.message() or exc}") from exc
         except (OSError, TimeoutError) as exc:  # connection refused/reset, timeouts (gevent's are OSErrors)
             self._local.client = None
-            raise TritonControlError(f"{what}: Triton at {self.url} unreachable ({type(exc).__name__}: {exc})") from exc
+            raise TritonUnavailableError(f"{what}: Triton at {self.url} unreachable ({type(exc).__name__}: {exc})") from exc
 
     def disk_config(self, model: str) -> dict[str, Any]:
         """The model's config.pbtxt from the repository as protobuf-JSON (proto field names), without a

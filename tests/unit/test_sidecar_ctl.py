@@ -66,3 +66,11 @@ def test_daemon_trusts_the_image_root_on_first_start_and_answers_the_cli(tmp_pat
         daemon.send_signal(signal.SIGTERM)
         assert daemon.wait(timeout=30) == 0
     assert not os.path.exists(tmp_path / "models" / "detect_detector" / "2")
+
+
+def test_unblock_needs_a_reason(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["sidecar", "unblock", "abcdef0123"])
+    assert exit_.value.code == 2 and "--reason" in capsys.readouterr().err
