@@ -83,7 +83,9 @@ def bundle_expected(args: argparse.Namespace, json_file) -> tuple[list[dict[str,
         return [], None
     expected, golden = read_expected(json_file(args.expected_outputs, "expected outputs"), args.expected_outputs)
     if golden is not None:
-        threshold = golden.get("reference", {}).get("score_threshold")
+        threshold = (golden.get("reference") or {}).get("score_threshold")
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
+            raise GoldenSetError(f"{args.expected_outputs}: its golden record names no reference score_threshold")
     else:
         try:
             threshold = _reference(args.golden_spec, repository, detector, check_model=False).score_threshold
