@@ -145,6 +145,16 @@ def _check_openvino_ir(spec: PipelineSpec, xml: Path) -> None:
                            f"{', '.join(map(str, spec.input_shape))}]")
 
 
+def _variant_record(variant: "Variant") -> dict:
+    """The device classes and build manifest `edgestack optimize` saved with the variant (variant.json), if any:
+    `bundle create` signs them for the detector it bundles from this repository."""
+    from builder.optimize.variants import VARIANT_FILE
+
+    path = variant.path.parent / VARIANT_FILE
+    record = json.loads(path.read_text()) if path.is_file() else {}
+    return {key: record[key] for key in ("device_classes", "manifest") if record.get(key)}
+
+
 def _check_variant(spec: PipelineSpec, variant: "Variant") -> None:
     missing = [str(f) for f in variant.files() if not f.is_file()]
     if missing:
@@ -217,6 +227,7 @@ def render_repository(spec: PipelineSpec, out: Path, target: TargetProfile | Non
                 "name": variant.name, "runtime": variant.runtime, "precision": variant.precision,
                 "options": variant.options, "targets": list(variant.targets),
                 "files_sha256": {f.name: _sha256(f) for f in variant.files()},
+                **_variant_record(variant),
             }
         (staging / f"{spec.name}{PIPELINE_FILE_SUFFIX}").write_text(json.dumps(pipeline, indent=2, sort_keys=True, default=str))
         for item in sorted(staging.iterdir()):

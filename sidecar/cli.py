@@ -177,11 +177,19 @@ def cmd_bundle_create(args: argparse.Namespace) -> int:
         if len(keys) < role.threshold:
             raise SidecarError(f"{key_dir} holds {len(keys)} of the root's bundle keys; {role.threshold} needed")
     manifest = _json_file(args.build_manifest, "build manifest") if args.build_manifest else None
+    if manifest is None:
+        from sidecar.bundle_classes import repository_variant_manifest
+
+        manifest = repository_variant_manifest(Path(args.model_version_dir), args.model_name)
+        if manifest is not None:
+            print(f"build manifest: the variant {manifest.get('variant', {}).get('name')} this repository serves "
+                  f"(device classes {', '.join(manifest.get('device_classes', {}).get('built_for', [])) or 'unstated'})")
     if manifest is not None and "manifest_sha256" in manifest:
         from builder.optimize.manifest import manifest_sha256
 
         if manifest_sha256(manifest) != manifest["manifest_sha256"]:
-            raise SidecarError(f"{args.build_manifest}: manifest_sha256 does not match its content")
+            raise SidecarError(f"{args.build_manifest or 'the variant manifest'}: manifest_sha256 does not match its "
+                               "content")
     config = Path(args.config).read_text(encoding="utf-8") if args.config else None
     expected, golden = bundle_expected(args, _json_file)
     if (args.base is None) != (args.base_version is None):

@@ -119,3 +119,40 @@ def test_device_fit_checks_target_then_class():
     assert unverified_here(signed, ("x86-vnni",))
     with pytest.raises(BundleError, match="names no device_classes"):
         check_fits_device({"target": "cpu"}, "cpu", ("x86-vnni",))
+
+
+def test_a_served_variants_classes_travel_from_optimize_to_the_bundle(tmp_path, capsys):
+    """optimize saves the classes with the variant; build --variant records them in the repository; bundle create
+    of the repository's detector signs them without being told."""
+    import argparse
+    import shutil
+
+    from builder.optimize.manifest import manifest_sha256
+    from builder.optimize.variants import Variant, save_variant
+    from builder.repository import render_repository
+    from builder.spec import load_spec
+    from sidecar import cli
+    from sidecar.bundle import read_signed_unverified
+    from tests.conftest import MODEL, SPEC
+
+    classes = D.ArtifactClasses(("x86-vnni",), ("x86-vnni",)).to_dict()
+    folder = tmp_path / "variants" / "int8-x"
+    folder.mkdir(parents=True)
+    shutil.copy(MODEL, folder / "model.onnx")
+    variant = Variant("int8-x", "onnxruntime", "int8", folder / "model.onnx", {}, ("cpu",))
+    manifest = {"format": 1, "variant": {"name": "int8-x"}, "device_classes": classes}
+    manifest["manifest_sha256"] = manifest_sha256(manifest)
+    save_variant(variant, manifest, classes)
+    repo = render_repository(load_spec(SPEC), tmp_path / "repo", variant=variant)
+
+    parser = argparse.ArgumentParser(prog="edgestack")
+    cli.add_parser(parser.add_subparsers(dest="command", required=True))
+    keys = parser.parse_args(["keys", "init", "--dir", str(tmp_path / "keys")])
+    assert keys.func(keys) == 0
+    args = parser.parse_args(["bundle", "create", str(repo / "detect_detector" / "1"), "--model-name", "detect_detector",
+                              "--model-version", "1.0.0", "--target", "cpu", "--metadata-version", "1", "--keys",
+                              str(tmp_path / "keys"), "--out", str(tmp_path / "v.bundle")])
+    assert args.func(args) == 0
+    assert "device classes x86-vnni" in capsys.readouterr().out
+    signed = read_signed_unverified(tmp_path / "v.bundle")
+    assert signed["device_classes"] == classes and signed["build_manifest"] == manifest
