@@ -186,8 +186,21 @@ def test_sigkill_in_each_state_recovers_to_a_served_verified_version(crash_env, 
         if pause_at in ("LOADING", "HEALTH_GATE"):
             rolled = [e for e in history if e["event"] == "rolled_back"]
             assert state.state == State.FAILED and rolled and "agent restarted" in rolled[-1]["reason"]
+            assert rolled[-1]["kind"] == state.failure_kind == "transient" and state.bad_bundles == {}, rolled[-1]
         else:
             assert state.state == State.IDLE and "interrupted" in state.reason
+
+    if pause_at == "HEALTH_GATE":  # the crash said nothing against the bundle: it installs once the agent is back
+        daemon = Daemon(env, tmp_path, None)
+        try:
+            daemon.wait_settled(START_TIMEOUT_S)
+            code, status = call(f"http://127.0.0.1:{daemon.port}", "POST", "/install",
+                                {"bundle": str(env.bundle), "wait": True}, SETTLE_TIMEOUT_S)
+        finally:
+            assert daemon.stop() == 0
+        assert code == 200 and status["state"] == "DONE" and status["committed"] == [1, 2], status
+        assert control.pinned_version() == 2 and control.ready_versions() == [2]
+        assert "dog" in detect_dog(env.server.grpc_url)
 
 
 def test_recovery_table_covers_every_state():
@@ -275,6 +288,14 @@ def test_daemon_api_cli_url_and_delta_install_gc_triton_restart_and_manual_rollb
         _, history = daemon.request("GET", "/history")
         rolled = [e for e in history if e["event"] == "rolled_back"][-1]
         assert rolled["bad"] and rolled["bad_version"] == 3 and "operator saw false alarms" in rolled["reason"]
+        code, blocked = ctl(capsys, api, "blocked")
+        assert code == 0 and [b["sha256"] for b in blocked] == [rolled["bundle_sha256"]], blocked
+        code, answer = ctl(capsys, api, "unblock", blocked[0]["sha256"][:10], "--reason", "alarms were the camera's")
+        assert code == 0 and answer["sha256"] == blocked[0]["sha256"], answer
+        assert ctl(capsys, api, "blocked") == (0, [])
+        assert ctl(capsys, api, "history", "--last", "1")[1][0]["reason"] == "alarms were the camera's"
+        code, answer = ctl(capsys, api, "unblock", blocked[0]["sha256"][:10], "--reason", "twice")
+        assert code == 1 and answer["type"] == "BlocklistError", answer
         code, answer = ctl(capsys, api, "rollback", "--reason", "again")
         assert code == 3 and "only committed version" in answer["error"], answer  # nothing older is kept
         code, versions = ctl(capsys, api, "versions")

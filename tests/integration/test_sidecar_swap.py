@@ -264,6 +264,8 @@ def _assert_rolled_back(swap_env, agent: Agent, reason_part: str) -> None:
     assert "dog" in detect_dog(swap_env.server.http_url, "http")
     rolled = [e for e in agent.history() if e["event"] == "rolled_back"]
     assert rolled and rolled[-1]["bad"] and rolled[-1]["bad_version"] == 2 and reason_part in rolled[-1]["reason"]
+    assert rolled[-1]["kind"] == status["failure_kind"] == "verified_bad", "verified bad: the bundle is blocked"
+    assert [(b["sha256"], reason_part in b["reason"]) for b in agent.blocked()] == [(rolled[-1]["bundle_sha256"], True)]
     assert TrustStore(agent.trust.folder).trusted_version(DETECTOR) is None, "a failed version raised the floor"
 
 
@@ -275,6 +277,12 @@ def test_wrong_outputs_are_rolled_back(swap_env, make_agent):
     with pytest.raises(Exception, match="rolled back before"):  # the bad bundle is remembered
         agent.install(swap_env.bundles["wrong"])
     assert swap_env.control.pinned_version() == 1 and agent.disk_versions() == [1]
+    [blocked] = agent.blocked()
+    assert agent.unblock(blocked["sha256"][:12], "retrained upstream, check again")["sha256"] == blocked["sha256"]
+    assert agent.blocked() == [] and agent.history()[-1]["reason"] == "retrained upstream, check again"
+    with pytest.raises(HealthGateError, match="expected output 0 differs"):  # verified and gated again, not refused
+        agent.install(swap_env.bundles["wrong"])
+    assert [b["sha256"] for b in agent.blocked()] == [blocked["sha256"]]
 
 
 def test_too_slow_is_rolled_back(swap_env, make_agent):
@@ -398,6 +406,7 @@ def test_triton_killed_mid_swap_recovers_to_the_committed_version(swap_env, make
     assert agent.disk_versions() == [1] and leftovers(swap_env.repository) == []
     assert TrustStore(agent.trust.folder).trusted_version(DETECTOR) is None
     assert [e for e in agent.history() if e["event"] == "recover"][-1]["found"] == "ROLLING_BACK"
+    assert status["failure_kind"] == "transient" and agent.blocked() == [], "Triton's death is not the bundle's fault"
     assert "dog" in detect_dog(server.grpc_url)
 
 
