@@ -56,9 +56,10 @@ ENTROPY_BINS = ort_entropy.DEFAULT_NUM_BINS
 class QuantOptions:
     """How build_int8 quantizes; every field is recorded in the variant's options.
 
-    calibration: minmax | entropy | percentile (ORT's CalibrationMethod) or mean-quantile (per image quantiles
-        outlier_prob and 1 - outlier_prob of every activation, averaged over the images; NNCF's default-like
-        MEAN_QUANTILE estimator). percentile: the cut for `percentile`.
+    calibration: minmax | percentile (ORT's CalibrationMethod), entropy (ORT's KL search over ENTROPY_BINS-bin
+        histograms, ort_entropy: quantize_static alone would use 128 bins, which is min/max) or mean-quantile (per
+        image quantiles outlier_prob and 1 - outlier_prob of every activation, averaged over the images; NNCF's
+        default-like MEAN_QUANTILE estimator). percentile: the cut for `percentile`.
     per_channel: per-output-channel weight scales (per-tensor when False).
     symmetric_activations: zero point at the middle of the activation type (TensorRT needs int8 + symmetric).
     exclude_nodes / exclude_op_types: kept in float (mixed precision), e.g. default_head_exclusions().
@@ -66,7 +67,8 @@ class QuantOptions:
         qoperator (QLinearConv... written directly).
     activation_type / weight_type: uint8 | int8. U8S8 (uint8 activations, int8 weights) is the combination
         the x86 VNNI kernels take directly; S8U8 is not supported by ORT.
-    reduce_range: 7-bit weights (avoids vpmaddubsw saturation on AVX2/AVX-512 machines without VNNI).
+    reduce_range: 7-bit weights (avoids vpmaddubsw saturation on AVX2/AVX-512 machines without VNNI); which
+        classes compute a build exactly, and what each class gets: int8_classes.
     float_resize: Resize nodes run in float (ORT's uint8 NHWC bilinear Resize is slow); needs mean-quantile,
         whose ranges this builder controls (ORT's calibrators give the Resize output its input's scale, and then
         ORT fuses the Resize back into uint8).

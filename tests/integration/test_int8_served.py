@@ -1,6 +1,7 @@
 """ONNX Runtime INT8 variants served by one real tritonserver, against FP32 run in-process.
 
-Each INT8 variant is built with builder.optimize (decode tail float, as `edgestack optimize` builds them) on the
+Each INT8 variant is built with builder.optimize (decode tail float and this machine's CPU-class settings,
+builder/optimize/int8_classes.py, as `edgestack optimize` builds them) on the
 first CALIBRATION_IMAGES fixture photos and served on the cpu target, all four in one repository (one pipeline
 each, so one server start). The other fixture photos go through every pipeline over gRPC and over HTTP;
 fidelity is pycocotools' mAP@0.5 of the served detections against FP32's own detections (score >= the spec's
@@ -9,14 +10,14 @@ pipelines are rendered with the score threshold lowered to evaluate.MAP_SCORE_TH
 `edgestack optimize`, average precision sees the ranking below the serving threshold.
 
 Floors, from measurements on this machine (3 calibration images, 11 held-out images, 19 FP32 boxes):
-- int8-minmax 0.83, int8-entropy 0.83 (ORT 1.22's quantize_static entropy is min/max, byte-identical),
-  int8-percentile 0.84: floor 0.6. Low enough for run-to-run and CPU-to-CPU differences of ORT's kernels
+- int8-minmax 0.83, int8-percentile 0.84, int8-entropy (KL search, builder/optimize/ort_entropy.py) ENTROPY_SERVED:
+  floor 0.6. Low enough for run-to-run and CPU-to-CPU differences of ORT's kernels
   (each lost box of 19 costs ~0.05), high enough to catch a broken quantization: with the decode tail
   quantized too, scores collapse to 0 or 2 and the fidelity is ~0 (test_quantized_decode_tail_fails_every_floor
   measures it on the same images).
 - int8-mean-quantile (the FAST_INT8 recipe: mean-quantile ranges, Resize float, scalar Muls folded) 0.99 (1.00
-  with 5 calibration images): floor 0.9, above what ORT's own calibrators reach, so the test fails if the
-  recipe loses its fidelity advantage.
+  with 5 calibration images): floor `edgestack optimize`'s default accuracy floor (0.9), above what ORT's own
+  calibrators reach, so the test fails if the recipe loses its fidelity advantage.
 """
 from __future__ import annotations
 
@@ -30,10 +31,13 @@ import numpy as np
 import pytest
 
 from backends.detector.onnx_runner import OnnxDetector, make_session
+from builder.device_class import host_class
 from builder.optimize import evaluate
 from builder.optimize import ort_variants as ov
 from builder.optimize.calibration import IMAGE_SUFFIXES, load_calibration_set
 from builder.optimize.evaluate import ImageDetections
+from builder.optimize.int8_classes import settings_for
+from builder.optimize.pipeline import DEFAULT_ACCURACY_FLOOR
 from builder.optimize.variants import Variant
 from builder.repository import PIPELINE_FILE_SUFFIX, render_repository, target_for
 from builder.spec import load_spec
@@ -50,8 +54,9 @@ VARIANTS = {
     "int8-minmax": ({"calibration": "minmax"}, 0.6),
     "int8-entropy": ({"calibration": "entropy"}, 0.6),
     "int8-percentile": ({"calibration": "percentile"}, 0.6),
-    "int8-mean-quantile": (ov.FAST_INT8, 0.9),
+    "int8-mean-quantile": (ov.FAST_INT8, DEFAULT_ACCURACY_FLOOR),
 }
+ISA = settings_for(host_class()).ort
 
 
 def pipeline_name(variant: str) -> str:
@@ -89,7 +94,7 @@ def variants(spec, calibration, tmp_path_factory) -> dict[str, Variant]:
     built = {}
     for name, (fields, _) in VARIANTS.items():
         started = time.perf_counter()
-        options = ov.QuantOptions(**fields, exclude_nodes=head)
+        options = ov.QuantOptions(**fields, **ISA, exclude_nodes=head)
         built[name] = ov.build_int8(spec.model_path, tmp / name, calibration, spec.input_name, options)
         print(f"\n{name} ({options.name}) built in {time.perf_counter() - started:.1f} s")
     return built

@@ -22,7 +22,7 @@ from builder.optimize.evaluate import (
 )
 from builder.optimize.manifest import build_manifest, manifest_sha256, write_manifest
 from builder.optimize.report import variant_row, write_report
-from builder.optimize.select import select_variant
+from builder.optimize.select import refusals, select_variant
 from builder.optimize.variants import Variant
 from builder.spec import load_spec
 from tests.conftest import IMAGES, MODEL, SPEC
@@ -235,6 +235,14 @@ def test_select_skips_failed_and_unmeasured_rows():
     assert row["name"] == "ok"
     assert "rejected broken: failed (cannot load)" in reason
     assert "rejected nan: no mAP@0.5 measured" in reason
+
+
+def test_refusals_name_each_refused_row_and_its_reasons():
+    refused = refusals(ROWS, latency_budget_ms=20, accuracy_floor=0.95)
+    assert refused == {"fp32": "p50 30.0 ms > 20 ms budget", "ov-int8": "mAP@0.5 0.91 < 0.95 floor",
+                       "ov-fp32": "p50 24.0 ms > 20 ms budget"}
+    assert refusals(ROWS, latency_budget_ms=None, accuracy_floor=None) == {}
+    assert select_variant(ROWS, latency_budget_ms=20, accuracy_floor=0.95)[0]["name"] == "int8-entropy-pc"
 
 
 # --- fixture model: detect_images, file_stats, speed --------------------------------------------
