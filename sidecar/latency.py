@@ -8,7 +8,7 @@ test), with a small error rate for a refusal (latency_alpha: it blocks the bundl
 early (latency_pass_alpha: probation still watches the version's compute time):
 
   SLOW          the lower bound is above 1: verified slower than the bound (the bundle is bad)
-  PASS          the upper bound is at or below 1; or, after latency_max_rounds, the median is
+  PASS          the upper bound is at or below 1; or, after latency_max_rounds, the median is at or below 1
   INCONCLUSIVE  after latency_max_rounds the bounds still straddle 1 and the median is above it: too much
                 noise to tell, which says nothing against the bundle (GateInconclusiveError)
 
