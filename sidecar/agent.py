@@ -16,23 +16,24 @@ install(bundle):
 Any failure after STAGING rolls back (ROLLING_BACK -> FAILED): pin P, load only P, remove N's folder; the
 bundle is blocked only when the failure verified it bad, not after Triton trouble or a crash (sidecar.blocklist;
 rollback and recovery live in sidecar.agent_rollback). Each state is persisted BEFORE its side effects, so
-recover() (sidecar.state.RECOVERY) can finish or undo whatever a crash interrupted.
+recover() (sidecar.state.RECOVERY) can finish or undo whatever a crash interrupted; every move is checked
+against sidecar.state.TRANSITIONS. A rollback requested while an install runs stops it at its next forward
+step (_advance), or during probation.
 
-Structured logs: one JSON line per transition on stderr. Test hook: SIDECAR_TEST_PAUSE_AT=<STATE> makes
-the agent, right after persisting that state, create <state_dir>/paused-<STATE> and sleep forever.
+Structured logs: one JSON line per transition on stderr. on_transition(state), when given, is called right
+after each state is persisted.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 import sys
 import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 from urllib.parse import urlparse
 
 from sidecar.agent_rollback import RollbackMixin
@@ -41,12 +42,10 @@ from sidecar.bundle_classes import check_fits_device, unverified_here
 from sidecar.download import download
 from sidecar.errors import BundleError, DiskSpaceError, DownloadError, HealthGateError, StateError
 from sidecar.health import health_gate, probation, stage_thresholds
-from sidecar.state import RECOVERY, TERMINAL, AgentState, State, StateStore, now_iso
+from sidecar.state import RECOVERY, TERMINAL, AgentState, State, StateStore, check_transition, now_iso
 from sidecar.triton_control import TritonControl
 from sidecar.trust import TrustStore, metadata_sha256
 from sidecar.version_folders import VersionFolders, check_free_space
-
-PAUSE_ENV = "SIDECAR_TEST_PAUSE_AT"
 
 
 def served_target(detector_config: dict[str, Any]) -> str:
@@ -66,7 +65,8 @@ class Agent(RollbackMixin):
                  detector_model: str = "detect_detector", ensemble_model: str = "detect", keep_versions: int = 3,
                  min_free_bytes: int = 64 << 20, probation_s: float = 60.0, stage: str = "canary",
                  probation_poll_s: float = 0.5, target: str | None = None,
-                 device_classes: tuple[str, ...] | None = None):
+                 device_classes: tuple[str, ...] | None = None, control: TritonControl | None = None,
+                 on_transition: Callable[[State], None] | None = None):
         if keep_versions < 2:
             raise ValueError("keep_versions must be at least 2 (the serving version and one to roll back to)")
         self.repository = Path(repository)
@@ -82,7 +82,8 @@ class Agent(RollbackMixin):
         self.probation_s = probation_s
         self.probation_poll_s = probation_poll_s
         self.thresholds = stage_thresholds(stage)
-        self.control = TritonControl(triton_http_url, self.repository, detector_model, ensemble_model)
+        self.control = control or TritonControl(triton_http_url, self.repository, detector_model, ensemble_model)
+        self.on_transition = on_transition
         if device_classes is None:
             from builder.device_class import detect
 
@@ -106,7 +107,7 @@ class Agent(RollbackMixin):
                    device_classes=list(self.device_classes), target=self.target,
                    bad_bundles=len(st.bad_bundles))
         if st.state not in TERMINAL:
-            out["recovery"] = RECOVERY[st.state]
+            out["recovery"] = str(RECOVERY[st.state])
         return out
 
     def history(self) -> list[dict[str, Any]]:
@@ -157,11 +158,24 @@ class Agent(RollbackMixin):
             self.store.save(st)
         return st
 
+    def _take_abort(self) -> str | None:
+        """The reason of a rollback requested while an install runs, once; the requester then finds it done."""
+        if not self._abort:
+            return None
+        reason, self._abort, self._abort_taken = self._abort, None, True
+        return f"rollback requested: {reason}"
+
+    def _advance(self, st: AgentState, new: State, **changes: Any) -> None:
+        """A forward step of an install; HealthGateError (the install rolls back) if a rollback was requested."""
+        stop = self._take_abort()
+        if stop:
+            raise HealthGateError(stop)
+        self._transition(st, new, **changes)
+
     def _transition(self, st: AgentState, new: State, **changes: Any) -> None:
-        if new not in TERMINAL and new != State.ROLLING_BACK and self._abort:
-            reason, self._abort, self._abort_taken = self._abort, None, True
-            raise HealthGateError(f"rollback requested: {reason}")
+        """Move to `new` (StateError if sidecar.state.TRANSITIONS does not allow it), persist, log, notify."""
         old = st.state
+        check_transition(old, new)
         for key, value in changes.items():
             setattr(st, key, value)
         st.state = new
@@ -170,10 +184,8 @@ class Agent(RollbackMixin):
         self.store.save(st)
         self._log(event="transition", **{"from": old.value, "to": new.value}, candidate=st.candidate,
                   previous=st.previous, committed=st.committed, reason=st.reason)
-        if os.environ.get(PAUSE_ENV) == new.value:
-            (self.state_dir / f"paused-{new.value}").touch()
-            while True:
-                time.sleep(3600)
+        if self.on_transition is not None:
+            self.on_transition(new)
 
     def _check_disk(self, needed: int, folders: tuple[Path, ...] = ()) -> None:
         """needed bytes on each filesystem of `folders` (default: staging and repository, twice on one),
@@ -203,10 +215,10 @@ class Agent(RollbackMixin):
                 self.control.restore(prev)  # before any new folder exists: never let "latest" pick it up
             bundle = self._verify_and_stage(st, source, sha256, size)
             try:
-                self._transition(st, State.LOADING)
+                self._advance(st, State.LOADING)
                 since = self.control.statistics(prev)
                 self.control.load_detector([prev, st.candidate])  # the ensemble stays on prev: no traffic moves
-                self._transition(st, State.HEALTH_GATE)
+                self._advance(st, State.HEALTH_GATE)
                 thresholds = self.thresholds
                 if unverified_here(bundle.signed, self.device_classes):  # only this gate can vouch for it here
                     thresholds = dataclasses.replace(thresholds, require_expected_outputs=True)
@@ -216,7 +228,7 @@ class Agent(RollbackMixin):
                                      previous_since=since)
                 st.baseline = report.pop("baseline")
                 st.note("gate_passed", **report)
-                self._transition(st, State.COMMITTING)
+                self._advance(st, State.COMMITTING)
                 self._commit(st, started)
                 self._probation(st)
             except Exception as exc:
@@ -230,10 +242,10 @@ class Agent(RollbackMixin):
             if urlparse(source).scheme in ("http", "https"):
                 if not sha256 or size is None:
                     raise DownloadError("installing from a URL needs the bundle's sha256 and size")
-                self._transition(st, State.DOWNLOADING)
+                self._advance(st, State.DOWNLOADING)
                 name = Path(urlparse(source).path).name or "bundle.tar"
                 path = download(source, self.downloads / name, expected_size=int(size), expected_sha256=sha256)
-            self._transition(st, State.VERIFYING)
+            self._advance(st, State.VERIFYING)
             if not path.is_file():
                 raise BundleError(f"bundle {path} does not exist")
             self._check_disk(path.stat().st_size)
@@ -251,7 +263,7 @@ class Agent(RollbackMixin):
             version = max(self.disk_versions() + st.committed) + 1
             st.note("verified", model_version=bundle.version, base_version=bundle.base_version,
                     delivery=bundle.delivery)
-            self._transition(st, State.STAGING, candidate=version, signed=bundle.signed,
+            self._advance(st, State.STAGING, candidate=version, signed=bundle.signed,
                              model_version=bundle.version, metadata_version=bundle.metadata_version)
             self._stage(bundle, version)
             return bundle
@@ -285,17 +297,11 @@ class Agent(RollbackMixin):
         committed = [v for v in st.committed if v != version] + [version]
         st.note("committed", version=version, previous=prev, pin_s=round(pin_s, 3),
                 swap_s=None if started is None else round(time.monotonic() - started, 3))
-        self._transition(st, State.PROBATION, committed=committed[-self.keep_versions:])
+        self._advance(st, State.PROBATION, committed=committed[-self.keep_versions:])
 
     def _probation(self, st: AgentState) -> None:
-        def abort() -> str | None:
-            if self._abort:
-                reason, self._abort, self._abort_taken = self._abort, None, True
-                return f"rollback requested: {reason}"
-            return None
-
         report = probation(self.control, st.candidate, st.baseline, self.thresholds, self.probation_s,
-                           self.probation_poll_s, abort)
+                           self.probation_poll_s, self._take_abort)
         report.pop("thresholds", None)
         st.note("probation_passed", **report)
         self._transition(st, State.DONE, reason=None)

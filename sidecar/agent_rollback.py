@@ -7,11 +7,11 @@ by a crash of the agent, or failed by Triton trouble, rolls back as transient an
 from __future__ import annotations
 
 import shutil
-from typing import Any
+from typing import Any, Callable
 
 from sidecar.blocklist import TRANSIENT, VERIFIED_BAD, blocked_entries, failure_kind, unblock
 from sidecar.errors import SidecarError, StateError
-from sidecar.state import RECOVERY, TERMINAL, AgentState, State, recovery_action
+from sidecar.state import RECOVERY, TERMINAL, AgentState, RecoveryAction, State
 from sidecar.trust import metadata_sha256
 
 
@@ -104,10 +104,10 @@ class RollbackMixin:
             self._abort_taken = False
             st = self._load()
             found = st.state
-            action = recovery_action(found)
-            self._log(event="recover", state=found.value, action=RECOVERY[found])
-            st.note("recover", found=found.value, action=action)
-            getattr(self, f"_recover_{action}")(st, found)
+            recovery = RECOVERY[found]
+            self._log(event="recover", state=found.value, action=str(recovery))
+            st.note("recover", found=found.value, action=recovery.action.value)
+            RECOVERY_HANDLERS[recovery.action](self, st, found)
             return self.status()
 
     def _recover_restore(self, st: AgentState, found: State) -> None:
@@ -148,3 +148,15 @@ class RollbackMixin:
 
     def _recover_finish_rollback(self, st: AgentState, found: State) -> None:
         self._finish_rollback(st)
+
+
+RecoveryHandler = Callable[[RollbackMixin, AgentState, State], None]
+RECOVERY_HANDLERS: dict[RecoveryAction, RecoveryHandler] = {
+    RecoveryAction.RESTORE: RollbackMixin._recover_restore,
+    RecoveryAction.DISCARD: RollbackMixin._recover_discard,
+    RecoveryAction.UNSTAGE: RollbackMixin._recover_unstage,
+    RecoveryAction.ROLLBACK: RollbackMixin._recover_rollback,
+    RecoveryAction.FINISH_COMMIT: RollbackMixin._recover_finish_commit,
+    RecoveryAction.RESTART_PROBATION: RollbackMixin._recover_restart_probation,
+    RecoveryAction.FINISH_ROLLBACK: RollbackMixin._recover_finish_rollback,
+}

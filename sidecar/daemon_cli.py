@@ -13,8 +13,9 @@ import signal
 import sys
 import threading
 from pathlib import Path
+from typing import Callable
 
-from sidecar.state import TERMINAL, now_iso
+from sidecar.state import TERMINAL, State, now_iso
 
 
 def add_options(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -69,7 +70,8 @@ def _keep_in_line(agent, stop: threading.Event, watch_s: float) -> None:
         first = False
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, on_transition: Callable[[State], None] | None = None) -> int:
+    """The daemon, until SIGTERM or SIGINT; on_transition goes to the Agent (called after each persisted state)."""
     from sidecar.agent import Agent
     from sidecar.api import SidecarAPI
     from sidecar.errors import SidecarError
@@ -92,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
                       detector_model=args.detector_model, ensemble_model=args.ensemble_model,
                       keep_versions=args.keep_versions, min_free_bytes=args.min_free_bytes,
                       probation_s=args.probation_s, stage=args.stage, target=args.target,
-                      device_classes=_device_classes(args.device_class))
+                      device_classes=_device_classes(args.device_class), on_transition=on_transition)
         api = SidecarAPI(agent, args.port)
     except (SidecarError, OSError, ValueError) as exc:
         print(f"sidecar: error: {exc}", file=sys.stderr)

@@ -7,7 +7,8 @@
 
 The agent persists the NEW state before the side effect that state names (StateStore.save is atomic:
 tmp file, fsync, rename, fsync of the folder), so after a crash the file names the step that may be
-half done, and RECOVERY says what recover() does about it when the agent starts again.
+half done, and RECOVERY says what recover() does about it when the agent starts again. TRANSITIONS lists
+every legal move; the agent refuses any other (StateError) before it persists anything.
 IDLE, DONE and FAILED are terminal: nothing is in flight and Triton should serve committed[-1].
 """
 from __future__ import annotations
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from sidecar.errors import StateError
 from sidecar.durable import atomic_write
@@ -43,31 +44,85 @@ class State(str, Enum):
 
 TERMINAL = frozenset({State.IDLE, State.DONE, State.FAILED})
 
-# What recover() does when the agent starts and finds each state. The word before the colon is the action
-# the agent runs (Agent._recover_<action>); every action ends by restoring the committed version in Triton.
-RECOVERY: dict[State, str] = {
-    State.IDLE: "restore: load the committed version, pin the ensemble to it; remove uncommitted leftovers",
-    State.DONE: "restore: load the committed version, pin the ensemble to it; remove uncommitted leftovers",
-    State.FAILED: "restore: load the committed version, pin the ensemble to it; remove uncommitted leftovers",
-    State.DOWNLOADING: "discard: remove the staging folder (a .part download is kept to resume), back to IDLE",
-    State.VERIFYING: "discard: remove the staging folder (nothing was trusted or staged), back to IDLE",
-    State.STAGING: "unstage: remove the half-staged version folder (never a committed one), back to IDLE",
-    State.LOADING: "rollback: the candidate may be half loaded and is unverified: pin the ensemble to the previous "
-                   "version, load only that, remove the candidate folder, FAILED (transient: the bundle stays "
-                   "installable)",
-    State.HEALTH_GATE: "rollback: the gate did not finish: pin previous, load only previous, remove the candidate, "
-                       "FAILED (transient: the bundle stays installable)",
-    State.COMMITTING: "finish_commit: the gate passed: pin the ensemble to the candidate, load only it, record it "
-                      "as committed and trusted, then probation",
-    State.PROBATION: "restart_probation: the candidate is committed: run a whole probation window again, then DONE "
-                     "(or roll back)",
-    State.ROLLING_BACK: "finish_rollback: pin previous, load only previous, remove the candidate, FAILED (the bundle "
-                        "is blocked if failure_kind is verified_bad)",
+# The legal moves. From a terminal state an install starts (DOWNLOADING for a URL, VERIFYING for a file), is
+# refused before its first step (FAILED), or an operator rolls the serving version back (ROLLING_BACK).
+# Before anything is loaded a failure discards (FAILED) and recovery after a crash unstages (IDLE); once a
+# version may be loaded, every failure rolls back.
+_FROM_TERMINAL = frozenset({State.DOWNLOADING, State.VERIFYING, State.FAILED, State.ROLLING_BACK})
+TRANSITIONS: dict[State, frozenset[State]] = {
+    State.IDLE: _FROM_TERMINAL,
+    State.DONE: _FROM_TERMINAL,
+    State.FAILED: _FROM_TERMINAL,
+    State.DOWNLOADING: frozenset({State.VERIFYING, State.FAILED, State.IDLE}),
+    State.VERIFYING: frozenset({State.STAGING, State.FAILED, State.IDLE}),
+    State.STAGING: frozenset({State.LOADING, State.FAILED, State.IDLE}),
+    State.LOADING: frozenset({State.HEALTH_GATE, State.ROLLING_BACK}),
+    State.HEALTH_GATE: frozenset({State.COMMITTING, State.ROLLING_BACK}),
+    State.COMMITTING: frozenset({State.PROBATION, State.ROLLING_BACK}),
+    State.PROBATION: frozenset({State.DONE, State.ROLLING_BACK}),
+    State.ROLLING_BACK: frozenset({State.FAILED}),
 }
 
 
-def recovery_action(state: State) -> str:
-    return RECOVERY[state].split(":", 1)[0]
+def check_transition(old: State, new: State) -> None:
+    """StateError unless TRANSITIONS allows the move from `old` to `new`."""
+    if new not in TRANSITIONS[old]:
+        allowed = ", ".join(sorted(s.value for s in TRANSITIONS[old]))
+        raise StateError(f"illegal transition {old.value} -> {new.value} (from {old.value}: {allowed})")
+
+
+class RecoveryAction(str, Enum):
+    """What recover() runs for a persisted state (sidecar.agent_rollback maps each to its handler)."""
+
+    RESTORE = "restore"
+    DISCARD = "discard"
+    UNSTAGE = "unstage"
+    ROLLBACK = "rollback"
+    FINISH_COMMIT = "finish_commit"
+    RESTART_PROBATION = "restart_probation"
+    FINISH_ROLLBACK = "finish_rollback"
+
+
+class Recovery(NamedTuple):
+    action: RecoveryAction
+    description: str
+
+    def __str__(self) -> str:
+        return f"{self.action.value}: {self.description}"
+
+
+_RESTORE = Recovery(RecoveryAction.RESTORE,
+                    "load the committed version, pin the ensemble to it; remove uncommitted leftovers")
+
+# What recover() does when the agent starts and finds each state; every action ends by restoring the
+# committed version in Triton.
+RECOVERY: dict[State, Recovery] = {
+    State.IDLE: _RESTORE,
+    State.DONE: _RESTORE,
+    State.FAILED: _RESTORE,
+    State.DOWNLOADING: Recovery(RecoveryAction.DISCARD,
+                                "remove the staging folder (a .part download is kept to resume), back to IDLE"),
+    State.VERIFYING: Recovery(RecoveryAction.DISCARD,
+                              "remove the staging folder (nothing was trusted or staged), back to IDLE"),
+    State.STAGING: Recovery(RecoveryAction.UNSTAGE,
+                            "remove the half-staged version folder (never a committed one), back to IDLE"),
+    State.LOADING: Recovery(RecoveryAction.ROLLBACK,
+                            "the candidate may be half loaded and is unverified: pin the ensemble to the previous "
+                            "version, load only that, remove the candidate folder, FAILED (transient: the bundle "
+                            "stays installable)"),
+    State.HEALTH_GATE: Recovery(RecoveryAction.ROLLBACK,
+                                "the gate did not finish: pin previous, load only previous, remove the candidate, "
+                                "FAILED (transient: the bundle stays installable)"),
+    State.COMMITTING: Recovery(RecoveryAction.FINISH_COMMIT,
+                               "the gate passed: pin the ensemble to the candidate, load only it, record it as "
+                               "committed and trusted, then probation"),
+    State.PROBATION: Recovery(RecoveryAction.RESTART_PROBATION,
+                              "the candidate is committed: run a whole probation window again, then DONE "
+                              "(or roll back)"),
+    State.ROLLING_BACK: Recovery(RecoveryAction.FINISH_ROLLBACK,
+                                 "pin previous, load only previous, remove the candidate, FAILED (the bundle is "
+                                 "blocked if failure_kind is verified_bad)"),
+}
 
 
 def now_iso() -> str:

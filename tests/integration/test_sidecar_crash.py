@@ -2,8 +2,9 @@
 started again; recover() must leave the device serving the old or the new version (never nothing, never an
 unverified one), a consistent persisted state, and no half-staged folder.
 
-One tritonserver (explicit mode) for the whole table, reset to v1 between rows. The daemon runs as
-`python -m sidecar` with SIDECAR_TEST_PAUSE_AT=<STATE>: it creates <state_dir>/paused-<STATE> and sleeps.
+One tritonserver (explicit mode) for the whole table, reset to v1 between rows. The daemon to kill runs as
+`python -m tests.integration.sidecar_pausing_daemon --pause-at STATE`: the product's daemon with an
+on_transition callback that creates <state_dir>/paused-<STATE> and blocks; it recovers as `python -m sidecar`.
 """
 from __future__ import annotations
 
@@ -82,15 +83,13 @@ def crash_env(tmp_path_factory) -> Iterator[CrashEnv]:
 class Daemon:
     def __init__(self, env: CrashEnv, row: Path, pause_at: str | None, *options: str):
         self.port = free_port()
-        environ = {k: v for k, v in os.environ.items() if k != "SIDECAR_TEST_PAUSE_AT"}
-        if pause_at:
-            environ["SIDECAR_TEST_PAUSE_AT"] = pause_at
+        entry = ["tests.integration.sidecar_pausing_daemon", "--pause-at", pause_at] if pause_at else ["sidecar"]
         self.log = open(row / f"daemon-{pause_at or 'recover'}.log", "wb")  # noqa: SIM115
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "sidecar", "--repository", str(env.repository), "--triton-http",
+            [sys.executable, "-m", *entry, "--repository", str(env.repository), "--triton-http",
              env.server.http_url, "--state-dir", str(row / "state"), "--trust-dir", str(row / "trust"),
              "--port", str(self.port), "--probation-s", "1", "--watch-s", "0", *options],
-            cwd=ROOT, env=environ, stdout=self.log, stderr=subprocess.STDOUT)
+            cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
 
     def request(self, method: str, path: str, body: dict | None = None) -> tuple[int, object]:
         return call(f"http://127.0.0.1:{self.port}", method, path, body)
@@ -201,15 +200,6 @@ def test_sigkill_in_each_state_recovers_to_a_served_verified_version(crash_env, 
         assert code == 200 and status["state"] == "DONE" and status["committed"] == [1, 2], status
         assert control.pinned_version() == 2 and control.ready_versions() == [2]
         assert "dog" in detect_dog(env.server.grpc_url)
-
-
-def test_recovery_table_covers_every_state():
-    from sidecar.agent import Agent
-    from sidecar.state import RECOVERY, recovery_action
-
-    assert set(RECOVERY) == set(State)
-    for state in State:
-        assert callable(getattr(Agent, f"_recover_{recovery_action(state)}")), state
 
 
 # --- the daemon's API: install from a URL, garbage collection, Triton restart, manual rollback -------------
