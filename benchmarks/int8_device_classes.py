@@ -42,7 +42,7 @@ QEMU_CPUS = {"x86-avx2": "Haswell", "x86-sse": "Nehalem"}
 CANDIDATES = {
     "fp32": ("onnxruntime", "ORT FP32 (baseline)", None),
     "u8s8": ("onnxruntime", "FAST_INT8, full-range U8S8 (the x86-vnni setting)", {}),
-    "u8s8-x64prec": ("onnxruntime", "same file, session.x64quantprecision=1 (ORT runs U8U8 kernels)",
+    "u8s8-x64prec": ("onnxruntime", "same file, session.x64quantprecision=1 (without VNNI ORT runs it as U8U8; no-op with VNNI)",
                      {"session_config": {"session.x64quantprecision": "1"}}),
     "rr": ("onnxruntime", "FAST_INT8 + reduce_range (7-bit weights)", {"reduce_range": True}),
     "u8u8-pt": ("onnxruntime", "FAST_INT8, uint8 weights per tensor (U8U8)", {"weight_type": "uint8", "per_channel": False}),

@@ -9,11 +9,12 @@ detections there (ORT's `session.x64quantprecision` notes the same). 7-bit weigh
 kernels (NEON widening multiplies, UDOT/SDOT) accumulate in 32 bits, so ARM has no such limit. OpenVINO's CPU
 plugin has the same instruction and the same problem; NNCF's OverflowFix.ENABLE quantizes weights to 7 bits.
 
-Measured (benchmarks/int8_device_classes.py, BENCHMARKS.md "INT8 per device class"): on x86-avx2 (qemu -cpu Haswell,
-fidelity mAP@0.5 vs FP32 of the FAST_INT8 recipe, 5 calibration images, 14 evaluation images) full-range U8S8
-scores MEASURED_U8S8, reduce_range MEASURED_RR, U8U8 (per-tensor weights: ORT cannot run per-channel uint8 weights
-here) MEASURED_U8U8; reduce_range is the pick for every x86 class without VNNI. x86-avx512 has no emulator here:
-its settings follow from the same instruction, not from a measurement.
+Measured (benchmarks/int8_device_classes.py, BENCHMARKS.md "INT8 per device class"; FAST_INT8 recipe, 5 calibration
+images, fidelity mAP@0.5 vs FP32 on the 14 photos) on x86-avx2 under `qemu-x86_64 -cpu Haswell`: full-range U8S8
+0.358 (0.987 on x86-vnni), reduce_range 0.970 (same as on x86-vnni: exact), S8S8 0.181, U8U8 0.069 (per-tensor
+weights: ORT cannot run per-channel uint8 weights of this model; exact, so measured on the host). reduce_range is
+the pick for every x86 class without VNNI. OpenVINO INT8 there: NNCF's default 0.347, OverflowFix.ENABLE 1.000.
+x86-avx512 and x86-sse were not emulated: their settings follow from the same instruction, not from a measurement.
 """
 from __future__ import annotations
 

@@ -10,9 +10,9 @@ pipelines are rendered with the score threshold lowered to evaluate.MAP_SCORE_TH
 `edgestack optimize`, average precision sees the ranking below the serving threshold.
 
 Floors, from measurements on this machine (3 calibration images, 11 held-out images, 19 FP32 boxes):
-- int8-minmax 0.83, int8-percentile 0.84, int8-entropy (KL search, builder/optimize/ort_entropy.py) ENTROPY_SERVED:
-  floor 0.6. Low enough for run-to-run and CPU-to-CPU differences of ORT's kernels
-  (each lost box of 19 costs ~0.05), high enough to catch a broken quantization: with the decode tail
+- int8-minmax 0.83, int8-percentile 0.84: floor 0.6; int8-entropy (the KL search of builder/optimize/ort_entropy.py,
+  which clips activation tails harder than min/max) 0.60: floor 0.4. Low enough for run-to-run and CPU-to-CPU
+  differences of ORT's kernels (each lost box of 19 costs ~0.05), high enough to catch a broken quantization: with the decode tail
   quantized too, scores collapse to 0 or 2 and the fidelity is ~0 (test_quantized_decode_tail_fails_every_floor
   measures it on the same images).
 - int8-mean-quantile (the FAST_INT8 recipe: mean-quantile ranges, Resize float, scalar Muls folded) 0.99 (1.00
@@ -52,7 +52,7 @@ CALIBRATION_IMAGES = 3
 # variant -> (QuantOptions fields besides the decode tail, fidelity mAP@0.5 floor); see the module docstring
 VARIANTS = {
     "int8-minmax": ({"calibration": "minmax"}, 0.6),
-    "int8-entropy": ({"calibration": "entropy"}, 0.6),
+    "int8-entropy": ({"calibration": "entropy"}, 0.4),
     "int8-percentile": ({"calibration": "percentile"}, 0.6),
     "int8-mean-quantile": (ov.FAST_INT8, DEFAULT_ACCURACY_FLOOR),
 }
