@@ -269,16 +269,30 @@ class _QuietHandler(SimpleHTTPRequestHandler):
         pass
 
 
+class FileServer:
+    """The files under `folder` over HTTP on 127.0.0.1 (a real server: the agent downloads with urllib)."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), partial(_QuietHandler, directory=str(self.folder)))
+
+    def __enter__(self) -> "FileServer":
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def url_of(self, path: Path) -> tuple[str, str, int]:
+        """(URL, sha256, size) of a file under the folder: what an install from a URL needs."""
+        relative = Path(path).relative_to(self.folder).as_posix()
+        return (f"http://127.0.0.1:{self.server.server_address[1]}/{relative}",
+                hashlib.sha256(Path(path).read_bytes()).hexdigest(), Path(path).stat().st_size)
+
+
 @pytest.fixture
 def bundle_url(device) -> Iterator[Callable[[Path], tuple[str, str, int]]]:
-    """url_of(bundle) -> (URL, sha256, size) of a bundle served over HTTP from the device's bundles folder."""
-    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(_QuietHandler, directory=str(device.root / "bundles")))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-
-    def url_of(bundle: Path) -> tuple[str, str, int]:
-        return (f"http://127.0.0.1:{server.server_address[1]}/{bundle.name}",
-                hashlib.sha256(bundle.read_bytes()).hexdigest(), bundle.stat().st_size)
-
-    yield url_of
-    server.shutdown()
-    server.server_close()
+    """url_of(bundle) -> (URL, sha256, size) of a bundle of the device served over HTTP."""
+    with FileServer(device.root) as files:
+        yield files.url_of
