@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from functools import partial
@@ -48,7 +49,8 @@ class FakeTriton:
         self.live = True
         self.counters: dict[int, list[int]] = {}  # version -> [success, fail, compute_ns]
         self.traffic: dict[int, tuple[int, int, int]] = {}  # version -> (success, fail, compute_ns) per poll
-        self.outputs: dict[int, np.ndarray] = {}
+        self.outputs: dict[int, np.ndarray] = {}  # version -> what infer_detector returns
+        self.infer_s: dict[int, float] = {}  # version -> how long an inference takes
         self.queued: dict[str, list[Exception]] = {}
         self.calls: list[tuple[str, tuple]] = []
         self.closed = 0
@@ -142,6 +144,8 @@ class FakeTriton:
         self._enter("infer_detector", version)
         if version not in self.loaded:
             raise TritonControlError(f"infer {self.detector_model} v{version}: not loaded")
+        if version in self.infer_s:
+            time.sleep(self.infer_s[version])
         self.serve(version, success=1, compute_ns=1_000_000)
         return self.outputs.get(version, np.zeros((1, 0, 6), np.float32))
 
