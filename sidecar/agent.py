@@ -264,7 +264,7 @@ class Agent(RollbackMixin):
             st.note("verified", model_version=bundle.version, base_version=bundle.base_version,
                     delivery=bundle.delivery)
             self._advance(st, State.STAGING, candidate=version, signed=bundle.signed,
-                             model_version=bundle.version, metadata_version=bundle.metadata_version)
+                          model_version=bundle.version, metadata_version=bundle.metadata_version)
             self._stage(bundle, version)
             return bundle
         except Exception as exc:
