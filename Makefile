@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# The fixture photos and detector beside the checkout (the default spec names ../../shared/fixtures/models too).
+FIXTURES ?= ../shared/fixtures
 
 .PHONY: setup demo test unit bench clean
 
@@ -16,7 +18,7 @@ $(STAMP): requirements.txt pyproject.toml
 setup: $(STAMP)
 
 demo: setup
-	$(BIN)/edgestack demo --out out/demo
+	$(BIN)/edgestack demo --images $(FIXTURES)/images --out out/demo
 
 test: setup
 	$(BIN)/python -m pytest -ra
@@ -26,7 +28,7 @@ unit: setup
 
 bench: setup
 	$(BIN)/python benchmarks/ensemble_overhead.py --out BENCHMARKS.md
-	$(BIN)/edgestack bench --requests 40
+	$(BIN)/edgestack bench --images $(FIXTURES)/images --requests 40
 	$(BIN)/python benchmarks/peer_fastapi.py --seconds 10 --out BENCHMARKS.md
 
 clean:

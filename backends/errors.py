@@ -1,15 +1,28 @@
-"""Errors raised by the backends' plain functions.
+"""The root of every error the project raises on purpose, and the errors of the backends' plain functions.
 
-BackendError
- +-- InvalidImageError   the request's image cannot be used (empty, undecodable, truncated, too small/large)
- +-- InvalidTensorError  a tensor has the wrong dtype, shape or contents
- +-- CloudUnavailableError  the cloud endpoint failed, timed out or is shut off by the circuit breaker
+The root lives here because backends/ is copied alone into each rendered model repository and may import
+nothing outside itself; edgestack.errors re-exports it.
 
-model.py files map these to pb_utils.TritonError codes for one request; anything else is a server bug.
+EdgestackError                 (this module; edgestack.errors re-exports it)
+ +-- BackendError              (this module) a backend step refuses one request
+ |    +-- InvalidImageError    the request's image cannot be used (empty, undecodable, truncated, too small/large)
+ |    +-- InvalidTensorError   a tensor has the wrong dtype, shape or contents
+ |    +-- CloudUnavailableError  the cloud endpoint failed, timed out or is shut off by the circuit breaker
+ +-- BuilderError              (builder.errors) a spec, config, target or model variant cannot be built
+ +-- SidecarError              (sidecar.errors) trust, bundles, deltas, downloads, Triton control, gate, state
+ +-- ServerError, ClientError  (edgestack.errors) tritonserver or a detection request failed
+ +-- LoadTestError             (edgestack.load) the load test could not be run
+
+edgestack.cli.main catches EdgestackError once: `edgestack <command>: error: <message>`, exit code 2.
+model.py files map BackendError to pb_utils.TritonError codes for one request; anything else is a server bug.
 """
 
 
-class BackendError(Exception):
+class EdgestackError(Exception):
+    """Root of every error the project raises on purpose; anything else is a bug."""
+
+
+class BackendError(EdgestackError):
     """Base of every error the backends raise on purpose."""
 
 

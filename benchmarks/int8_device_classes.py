@@ -31,10 +31,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from backends.common.files import image_files  # noqa: E402
 from builder.device_class import host_class  # noqa: E402
 from builder.optimize import evaluate  # noqa: E402
 from builder.optimize import int8_classes  # noqa: E402
-from builder.optimize.calibration import IMAGE_SUFFIXES, load_calibration_set  # noqa: E402
+from builder.optimize.calibration import load_calibration_set  # noqa: E402
 from builder.spec import load_spec  # noqa: E402
 
 QEMU_CPUS = {"x86-avx2": "Haswell", "x86-sse": "Nehalem"}
@@ -178,7 +179,7 @@ def main() -> int:
         parser.error(f"unknown candidate(s) {sorted(unknown)}; known: {list(CANDIDATES)}")
     names = [n for n in CANDIDATES if n in names]
     calibration = load_calibration_set(Path(args.images), spec.input, spec.limits, args.calibration_count)
-    images = sorted(p for p in Path(args.images).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)[:args.eval_count]
+    images = image_files(Path(args.images))[:args.eval_count]
     out = Path(args.out)
     models = {}
     for name in names:

@@ -41,13 +41,14 @@ import onnxruntime as ort
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from backends.common.files import image_files  # noqa: E402
 from backends.postprocess.pipeline import postprocess_image  # noqa: E402
 from benchmarks import int8_nncf_onnx  # noqa: E402
 from benchmarks.int8_profile import conv_kinds, profile  # noqa: E402
 from builder.optimize import evaluate  # noqa: E402
 from builder.optimize import ort_variants as ov  # noqa: E402
 from builder.optimize.ort_graph import count_ops  # noqa: E402
-from builder.optimize.calibration import IMAGE_SUFFIXES, load_calibration_set  # noqa: E402
+from builder.optimize.calibration import load_calibration_set  # noqa: E402
 from builder.spec import load_spec  # noqa: E402
 
 LEVELS = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
@@ -240,7 +241,7 @@ def main() -> int:
     args = parser.parse_args()
 
     spec = load_spec(args.spec)
-    images = sorted(p for p in Path(args.images).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    images = image_files(Path(args.images))
     calibration = load_calibration_set(Path(args.images), spec.input, spec.limits, args.calibration_count)
     prepared = evaluate.prepare_images(spec, images)
     inputs = [(tensor, transform) for tensor, transform, _, _ in prepared]

@@ -27,6 +27,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from builder.errors import BuilderError
+from builder.targets import GPU_TARGETS, OPENVINO_TARGETS, TARGETS
+
 X86_CLASSES = ("x86-vnni", "x86-avx512", "x86-avx2", "x86-sse")
 ARM_CLASSES = ("arm64-dotprod", "arm64-neon")
 CPU_CLASSES = (*X86_CLASSES, *ARM_CLASSES)
@@ -41,7 +44,7 @@ _ARM_FEATURES = {"asimd": "neon", "asimddp": "dotprod", "i8mm": "i8mm", "sve": "
                  "asimdhp": "fp16"}
 
 
-class DeviceClassError(ValueError):
+class DeviceClassError(BuilderError, ValueError):
     """An unknown device class name or a malformed class record."""
 
 
@@ -205,7 +208,8 @@ class ArtifactClasses:
 
 
 # what a model of each deployment target runs on when nothing more is known of it (FP32 / FP16 models)
-TARGET_CLASSES = {"cpu": CPU_CLASSES, "intel": X86_CLASSES, "nvidia-gpu": (ANY_CUDA,), "jetson": (ANY_CUDA,)}
+TARGET_CLASSES = {target: (ANY_CUDA,) if target in GPU_TARGETS else X86_CLASSES if target in OPENVINO_TARGETS
+                  else CPU_CLASSES for target in TARGETS}
 
 
 def target_classes(target: str) -> tuple[str, ...]:

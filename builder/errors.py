@@ -5,11 +5,12 @@ BuilderError
  +-- ConfigError   a model configuration does not fit Triton's schema or our rules
  +-- TargetError   an accelerator target profile is invalid or unusable here
 
-Callers (the CLI) catch BuilderError to report a build failure; anything else is a builder bug.
+BuilderError derives from the project's root, backends.errors.EdgestackError, which the CLI reports.
 """
+from backends.errors import EdgestackError
 
 
-class BuilderError(Exception):
+class BuilderError(EdgestackError):
     """Base of every error the builder raises on purpose."""
 
 

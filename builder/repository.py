@@ -12,7 +12,6 @@ Layout (model names prefixed with the pipeline name so several pipelines can sha
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import shutil
 import tempfile
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from backends.common import tensors as T
+from backends.common.files import sha256_file
 from backends.postprocess.formats import get_format
 from builder import steps
 from builder.errors import BuilderError, TargetError
@@ -72,14 +72,6 @@ def check_interface(spec: PipelineSpec, interface: ModelInterface) -> None:
                                                           len(spec.classes))
     if problem:
         raise BuilderError(f"{spec.output.name!r}: {problem}")
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _copy_python_model(step: str, version_dir: Path) -> None:
@@ -218,7 +210,7 @@ def render_repository(spec: PipelineSpec, out: Path, target: TargetProfile | Non
         pipeline = {
             "spec": spec.to_dict(),
             "target": asdict(target),
-            "model_sha256": _sha256(spec.model_path),
+            "model_sha256": sha256_file(spec.model_path),
             "ensemble": configs.ensemble.name,
             "outputs": [T.BOXES, T.SCORES, T.CLASS_IDS, T.CLASS_NAMES, T.NUM_DETECTIONS, T.SOURCE, T.DEGRADED],
         }
@@ -226,7 +218,7 @@ def render_repository(spec: PipelineSpec, out: Path, target: TargetProfile | Non
             pipeline["variant"] = {
                 "name": variant.name, "runtime": variant.runtime, "precision": variant.precision,
                 "options": variant.options, "targets": list(variant.targets),
-                "files_sha256": {f.name: _sha256(f) for f in variant.files()},
+                "files_sha256": {f.name: sha256_file(f) for f in variant.files()},
                 **_variant_record(variant),
             }
         (staging / f"{spec.name}{PIPELINE_FILE_SUFFIX}").write_text(json.dumps(pipeline, indent=2, sort_keys=True, default=str))

@@ -16,9 +16,9 @@ from backends.postprocess.formats import FORMATS
 from backends.preprocess.image_ops import DecodeLimits as Limits
 from backends.preprocess.image_ops import InputSpec
 from builder.errors import SpecError
+from builder.targets import TARGETS
 
 OUTPUT_FORMATS = tuple(FORMATS)
-TARGETS = ("cpu", "intel", "nvidia-gpu", "jetson")
 
 
 def _require(condition: bool, message: str) -> None:

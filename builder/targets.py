@@ -131,11 +131,16 @@ class JetsonTarget(NvidiaGpuTarget):
 
 
 TARGET_PROFILES: dict[str, type[TargetProfile]] = {
-    "cpu": CpuTarget,
-    "intel": IntelTarget,
-    "nvidia-gpu": NvidiaGpuTarget,
-    "jetson": JetsonTarget,
+    profile.name: profile for profile in (CpuTarget, IntelTarget, NvidiaGpuTarget, JetsonTarget)
 }
+# The deployment targets. Every other list of targets (spec validation, CLI choices, bundles, variants) is this
+# one or derived from it.
+TARGETS: tuple[str, ...] = tuple(TARGET_PROFILES)
+GPU_TARGETS = tuple(name for name, profile in TARGET_PROFILES.items() if profile.instance_kind == "KIND_GPU")
+ONNX_TARGETS = tuple(name for name, profile in TARGET_PROFILES.items()  # targets that serve an ONNX model file
+                     if profile.detector_engine in ("python_onnxruntime", "onnxruntime_onnx"))
+OPENVINO_TARGETS = tuple(name for name, profile in TARGET_PROFILES.items()
+                         if profile.detector_engine == "python_openvino")
 
 
 def make_target(name: str, **overrides: object) -> TargetProfile:

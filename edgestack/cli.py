@@ -10,17 +10,15 @@ import threading
 from pathlib import Path
 from typing import Sequence
 
-from builder.errors import BuilderError
+from builder.targets import TARGETS
 from edgestack.errors import EdgestackError
+from edgestack.inputs import DEFAULT_SPEC
 
-ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_SPEC = ROOT / "specs" / "centernet_coco.yaml"
-DEFAULT_IMAGES = ROOT.parent / "shared" / "fixtures" / "images"
 DEFAULT_PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}
 
 
 def _add_build_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--target", choices=["cpu", "intel", "nvidia-gpu", "jetson"],
+    parser.add_argument("--target", choices=TARGETS,
                         help="accelerator target (default: the spec's; intel for an OpenVINO --variant)")
     parser.add_argument("--variant", metavar="DIR", help="serve this built model variant (a folder with variant.json) "
                                                         "instead of the spec's model")
@@ -121,7 +119,7 @@ def make_parser() -> argparse.ArgumentParser:
 
     build = sub.add_parser("build", aliases=["render"], help="pipeline spec + target -> Triton model repository",
                            description="Render every config.pbtxt and copy the model and backend code into a self-contained repository.")
-    build.add_argument("spec", nargs="?", default=str(DEFAULT_SPEC), help=f"pipeline spec YAML (default: {DEFAULT_SPEC.relative_to(ROOT)})")
+    build.add_argument("spec", nargs="?", default=str(DEFAULT_SPEC), help=f"pipeline spec YAML (default: specs/{DEFAULT_SPEC.name})")
     build.add_argument("--out", default="model_repository", help="output repository folder (default: model_repository)")
     _add_build_options(build)
     build.set_defaults(func=cmd_build)
@@ -153,7 +151,7 @@ def make_parser() -> argparse.ArgumentParser:
                           description="The whole path on this machine: render the repository, start tritonserver, "
                                       "run every image through the ensemble, write JSON and annotated pictures, stop.")
     demo.add_argument("--spec", default=str(DEFAULT_SPEC))
-    demo.add_argument("--images", default=str(DEFAULT_IMAGES))
+    demo.add_argument("--images", required=True, metavar="DIR", help="folder of photos to detect")
     demo.add_argument("--out", default="out/demo")
     demo.add_argument("--protocol", choices=["grpc", "http"], default="grpc")
     demo.set_defaults(func=cmd_demo)
@@ -164,8 +162,7 @@ def make_parser() -> argparse.ArgumentParser:
                                         "accelerator and compute capability, Triton version.")
     device.set_defaults(func=cmd_device_info)
 
-    from edgestack import latency_budget, optimize_cli
-    from loadtests import run as load
+    from edgestack import latency_budget, load, optimize_cli
     from sidecar import cli as sidecar_cli
     from sidecar import daemon_cli
 
@@ -177,12 +174,20 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def command_name(args: argparse.Namespace) -> str:
+    """The command as typed, e.g. `bundle create`: the values of the subparsers' *command destinations."""
+    words = [value for key, value in vars(args).items() if key == "command" or key.endswith("_command")]
+    return " ".join(dict.fromkeys(words))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run a command; every error the project raises on purpose (EdgestackError, see backends.errors) and a file
+    the command cannot read or write (OSError) is reported here, once, as one line with exit code 2."""
     args = make_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (BuilderError, EdgestackError) as exc:
-        print(f"edgestack {args.command}: error: {exc}", file=sys.stderr)
+    except (EdgestackError, OSError) as exc:
+        print(f"edgestack {command_name(args)}: error: {exc}", file=sys.stderr)
         return 2
 
 

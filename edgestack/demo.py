@@ -10,16 +10,13 @@ from builder.spec import load_spec
 from edgestack.annotate import write_annotated
 from edgestack.client import DetectionClient
 from edgestack.errors import EdgestackError
+from edgestack.inputs import image_folder
 from edgestack.server import TritonServer
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 
 
 def run_demo(spec_path: Path, images_dir: Path, out_dir: Path, protocol: str = "grpc") -> int:
     spec = load_spec(spec_path)
-    images = sorted(p for p in images_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not images:
-        raise EdgestackError(f"no images in {images_dir}")
+    images = image_folder(images_dir)
     repository = render_repository(spec, out_dir / "model_repository")
     print(f"rendered {repository} from {spec_path} (target {spec.target})")
     rows, failures = [], 0

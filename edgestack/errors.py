@@ -1,15 +1,16 @@
-"""Errors of the edgestack command-line and client package.
+"""Errors of the edgestack command-line and client package, and the project's root EdgestackError
+(defined in backends.errors, the one package every other may import; the whole tree is drawn there).
 
 EdgestackError
  +-- ServerError     tritonserver could not be found, started, or did not become ready
  +-- ClientError     a detection request failed (the server's message is kept; tritonclient errors are mapped here)
+ +-- BackendError, BuilderError, SidecarError, LoadTestError: see backends.errors
 
-Builder errors (builder.errors.BuilderError) pass through the CLI unchanged and are reported the same way.
+edgestack.cli.main reports every EdgestackError as `edgestack <command>: error: <message>` with exit code 2.
 """
+from backends.errors import EdgestackError
 
-
-class EdgestackError(Exception):
-    """Base of the edgestack package's errors."""
+__all__ = ["EdgestackError", "ServerError", "ClientError"]
 
 
 class ServerError(EdgestackError):

@@ -34,12 +34,9 @@ from typing import Any, Sequence
 import numpy as np
 
 from backends.common import tensors as T
-from edgestack.errors import ClientError, EdgestackError
+from edgestack.errors import ClientError
+from edgestack.inputs import DEFAULT_SPEC, image_folder
 
-ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_SPEC = ROOT / "specs" / "centernet_coco.yaml"
-DEFAULT_IMAGES = ROOT.parent / "shared" / "fixtures" / "images"
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 PARTS = ("queue", "compute_input", "compute_infer", "compute_output")
 OUTPUTS = (*T.DETECTION_OUTPUTS, T.SOURCE, T.DEGRADED)
 
@@ -304,16 +301,6 @@ def measure_budget(grpc_url: str, model: str, images: list[bytes], requests: int
 
 # ---- CLI: edgestack bench ------------------------------------------------------------------------------
 
-def load_images(folder: str | Path) -> list[bytes]:
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise EdgestackError(f"image folder {folder} does not exist")
-    images = [p.read_bytes() for p in sorted(folder.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES]
-    if not images:
-        raise EdgestackError(f"no {'/'.join(IMAGE_SUFFIXES)} images in {folder}")
-    return images
-
-
 def _report(budget: Budget, json_path: str | None) -> None:
     print(budget.table(), flush=True)
     if json_path:
@@ -326,7 +313,7 @@ def _report(budget: Budget, json_path: str | None) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    images = load_images(args.images)
+    images = [path.read_bytes() for path in image_folder(args.images)]
     if args.url:
         _report(measure_budget(args.url, args.model, images, args.requests, warmup=args.warmup), args.json)
         return 0
@@ -370,7 +357,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     bench.add_argument("--url", help="gRPC host:port of a running server (default: start one)")
     bench.add_argument("--model", default="detect", help="ensemble name (with --url; default: detect)")
     bench.add_argument("--spec", default=str(DEFAULT_SPEC), help="spec to render when no --url is given")
-    bench.add_argument("--images", default=str(DEFAULT_IMAGES), help="folder of JPEG/PNG images, sent in turn")
+    bench.add_argument("--images", required=True, metavar="DIR", help="folder of images, sent in turn")
     bench.add_argument("--requests", type=_positive_int, default=50, help="measured sequential requests (default: 50)")
     bench.add_argument("--warmup", type=_non_negative_int, default=3, help="unmeasured requests first (default: 3)")
     bench.add_argument("--json", metavar="FILE", help="also write the budget as JSON to FILE ('-': stdout)")

@@ -4,9 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_SPEC = ROOT / "specs" / "centernet_coco.yaml"
-DEFAULT_IMAGES = ROOT.parent / "shared" / "fixtures" / "images"
+from edgestack.inputs import DEFAULT_SPEC
 
 
 def cmd_optimize(args: argparse.Namespace) -> int:
@@ -40,7 +38,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                     "where a GPU exists), measure each in one run (size, latency p50/p99, throughput, mAP against "
                     "FP32 and against labels if given), write report.md/json/png and pick a variant.")
     parser.add_argument("spec", nargs="?", default=str(DEFAULT_SPEC))
-    parser.add_argument("--calibration", default=str(DEFAULT_IMAGES), help="folder of calibration images")
+    parser.add_argument("--calibration", required=True, metavar="DIR", help="folder of calibration images")
     parser.add_argument("--calibration-count", type=int, help="use exactly this many calibration images (error if fewer)")
     parser.add_argument("--eval", help="folder of evaluation images (default: the calibration folder)")
     parser.add_argument("--labels", help="COCO-format JSON labels of the evaluation images, for true mAP")

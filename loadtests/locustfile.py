@@ -15,8 +15,7 @@ unexpected SOURCE is a failure.
 
 Custom arguments (each also read from the environment variable in brackets):
 
-    --images DIR            photos to send (EDGESTACK_LOAD_IMAGES; default ../shared/fixtures/images
-                            beside the repository)
+    --images DIR            photos to send (EDGESTACK_LOAD_IMAGES; required)
     --grpc-url HOST:PORT    gRPC endpoint (EDGESTACK_LOAD_GRPC_URL; default: --host)
     --http-url HOST:PORT    HTTP endpoint (EDGESTACK_LOAD_HTTP_URL; default: --host)
     --model NAME            ensemble name (default: detect)
@@ -59,9 +58,8 @@ import tritonclient.grpc as grpcclient  # noqa: E402
 import tritonclient.http as httpclient  # noqa: E402
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_IMAGES = REPO_ROOT.parent / "shared" / "fixtures" / "images"
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
+from backends.common.files import image_folder  # noqa: E402
+
 DEFAULT_LOW_CONFIDENCE = "flower.jpg,scream.jpg"
 
 INPUT = "IMAGE"
@@ -91,8 +89,8 @@ class TritonError(Exception):
 @events.init_command_line_parser.add_listener
 def _add_arguments(parser) -> None:
     group = parser.add_argument_group("edgestack detect ensemble")
-    group.add_argument("--images", default=os.environ.get("EDGESTACK_LOAD_IMAGES", str(DEFAULT_IMAGES)),
-                       help="folder of photos to send")
+    group.add_argument("--images", default=os.environ.get("EDGESTACK_LOAD_IMAGES", ""),
+                       help="folder of photos to send (required)")
     group.add_argument("--grpc-url", default=os.environ.get("EDGESTACK_LOAD_GRPC_URL", ""),
                        help="host:port of Triton's gRPC endpoint (default: --host)")
     group.add_argument("--http-url", default=os.environ.get("EDGESTACK_LOAD_HTTP_URL", ""),
@@ -129,12 +127,7 @@ class ImagePool:
     """The photos of a folder, split into those the edge is confident about and those it is not."""
 
     def __init__(self, folder: Path, low_confidence: set[str], cloud_share: float | None):
-        if not folder.is_dir():
-            raise FileNotFoundError(f"image folder {folder} does not exist")
-        files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-        if not files:
-            raise FileNotFoundError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {folder}")
-        self.images = {p.name: p.read_bytes() for p in files}
+        self.images = {p.name: p.read_bytes() for p in image_folder(folder)}
         self.low = [name for name in self.images if name in low_confidence]
         self.confident = [name for name in self.images if name not in low_confidence]
         if cloud_share is not None:
@@ -167,6 +160,8 @@ def image_pool(environment) -> ImagePool:
     with _pool_lock:
         if _pool is None:
             opts = environment.parsed_options
+            if not opts.images:
+                raise FileNotFoundError("no photos to send: give --images DIR (or EDGESTACK_LOAD_IMAGES)")
             low = {s.strip() for s in opts.low_confidence_images.split(",") if s.strip()}
             _pool = ImagePool(Path(opts.images).expanduser(), low, opts.cloud_share)
         return _pool

@@ -42,6 +42,7 @@ from typing import Any, BinaryIO, Callable, Iterable, Mapping, Sequence
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from builder.device_class import ArtifactClasses
+from builder.targets import TARGETS
 from sidecar import delta as D
 from sidecar.bundle_classes import bundle_classes, default_classes
 from sidecar.bundle_delta import (CHUNK, DELTAS_PREFIX, FILES_PREFIX, UNCHANGED, check_delta_entries, delivery,
@@ -53,7 +54,6 @@ from sidecar.trust import TrustStore, canonical_json, format_time, parse_time, s
 
 METADATA_NAME = "metadata.json"
 MAX_METADATA_BYTES = 1 << 20
-TARGETS = ("cpu", "intel", "nvidia-gpu", "jetson")
 SKIPPED_DIRS = ("__pycache__",)  # interpreter caches are not part of a model version
 SEMVER = re.compile(r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)(?:-[0-9A-Za-z.-]+)?(?:\+[0-9A-Za-z.-]+)?$")
 MODEL_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")

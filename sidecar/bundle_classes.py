@@ -5,6 +5,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from builder.device_class import ArtifactClasses, DeviceClassError, target_classes
+from builder.targets import GPU_TARGETS
 from sidecar.errors import BundleError
 
 
@@ -43,15 +44,15 @@ def default_classes(target: str, sources: Mapping[str, Path],
     return ArtifactClasses(target_classes(target), notes={"default": f"float model for target {target}"})
 
 
-# targets whose repositories serve the same detector formats: a device of the first takes bundles of the others
-COMPATIBLE_TARGETS = {"cpu": ("cpu",), "intel": ("intel",), "nvidia-gpu": ("nvidia-gpu", "jetson"),
-                      "jetson": ("jetson", "nvidia-gpu")}
+def compatible_targets(target: str) -> tuple[str, ...]:
+    """The targets whose bundles a device of `target` takes: GPU targets serve the same detector formats."""
+    return GPU_TARGETS if target in GPU_TARGETS else (target,)
 
 
 def check_fits_device(signed: Mapping[str, Any], target: str | None, device_classes: tuple[str, ...]) -> None:
     """Refuse (BundleError) a bundle for another target or for device classes this device is not of."""
     bundle_target = signed.get("target")
-    if target is not None and bundle_target not in COMPATIBLE_TARGETS.get(target, (target,)):
+    if target is not None and bundle_target not in compatible_targets(target):
         raise BundleError(f"the bundle is for target {bundle_target}; this device serves target {target}")
     classes = bundle_classes(signed)
     if not classes.fits(device_classes):

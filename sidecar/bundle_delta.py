@@ -21,6 +21,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+from backends.common.files import sha256_file
 from sidecar import delta as D
 from sidecar.errors import BundleError, DeltaError
 
@@ -44,12 +45,8 @@ def is_size(value: Any) -> bool:
 
 
 def file_digest(path: Path) -> tuple[str, int]:
-    digest, size = hashlib.sha256(), 0
-    with open(path, "rb") as f:
-        while block := f.read(CHUNK):
-            digest.update(block)
-            size += len(block)
-    return digest.hexdigest(), size
+    """A file's sha256 (hex) and size."""
+    return sha256_file(path), Path(path).stat().st_size
 
 
 def check_delta_entries(signed: Mapping[str, Any], files: Mapping[str, Mapping[str, Any]]) -> None:

@@ -5,42 +5,35 @@ Key folder layout (written by `keys init`, read by `keys rotate` and `bundle cre
   bundle-1.pem ... bundle-M.pem   bundle-role private keys (0600): the build machine signs bundles with these
   root.json                       the signed root metadata: ship it in the device image (TrustStore.initialize)
 
-cryptography is imported only when a command runs, so the rest of `edgestack` works without it.
+cryptography is imported only when a command runs, so the rest of `edgestack` works without it. Errors are
+reported by edgestack.cli.main.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
+from builder.targets import TARGETS
 from sidecar.delta import ALL as DELTA_METHODS
+from sidecar.errors import SidecarError
 from sidecar.golden_cli import add_bundle_create_options, add_golden_parser, bundle_expected
 
 ROOT_JSON = "root.json"
 
 
-def _fail(command: str, message: str) -> int:
-    print(f"edgestack {command}: error: {message}", file=sys.stderr)
-    return 2
-
-
-def _run(command: str, func, args: argparse.Namespace) -> int:
-    """Run a handler, reporting SidecarError (and a missing cryptography package) as a one-line error."""
-    try:
-        from sidecar.errors import SidecarError
-        import cryptography  # noqa: F401
-    except ImportError as exc:
-        return _fail(command, f"the sidecar needs the 'cryptography' package ({exc})")
-    try:
+def _signing(func):
+    """The handler of a command that signs or verifies: refused with a SidecarError without cryptography."""
+    def run(args: argparse.Namespace) -> int:
+        try:
+            import cryptography  # noqa: F401
+        except ImportError as exc:
+            raise SidecarError(f"the sidecar needs the 'cryptography' package ({exc})") from exc
         return func(args)
-    except (SidecarError, OSError) as exc:
-        return _fail(command, str(exc))
+    return run
 
 
 def _json_file(path: str, what: str):
-    from sidecar.errors import SidecarError
-
     try:
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
@@ -54,8 +47,6 @@ def _load_keys(folder: Path, prefix: str) -> list:
 
 
 def _new_key_folder(folder: Path) -> None:
-    from sidecar.errors import SidecarError
-
     if folder.exists() and any(folder.iterdir()):
         raise SidecarError(f"{folder} is not empty: refusing to overwrite keys (use a new folder)")
     folder.mkdir(parents=True, exist_ok=True)
@@ -77,8 +68,6 @@ def _write_root(folder: Path, envelope: dict) -> Path:
 
 
 def _check_counts(args: argparse.Namespace) -> None:
-    from sidecar.errors import SidecarError
-
     for role in ("root", "bundle"):
         count, threshold = getattr(args, f"{role}_keys"), getattr(args, f"{role}_threshold")
         if not 1 <= threshold <= count:
@@ -109,7 +98,6 @@ def cmd_keys_init(args: argparse.Namespace) -> int:
 
 
 def cmd_keys_rotate(args: argparse.Namespace) -> int:
-    from sidecar.errors import SidecarError
     from sidecar.keys import generate_key, key_id
     from sidecar.trust import (BUNDLE_ROLE, ROOT_ROLE, expires_in, make_root, sign, verify_root_self_signed,
                                verify_root_update)
@@ -149,7 +137,6 @@ def cmd_keys_rotate(args: argparse.Namespace) -> int:
 def _artifact_classes(built_for: list[str] | None, verified_on: list[str] | None):
     """--device-class / --verified-on as ArtifactClasses; None (the manifest's or the target's) when not given."""
     from builder.device_class import ArtifactClasses, DeviceClassError
-    from sidecar.errors import SidecarError
 
     if not built_for:
         if verified_on:
@@ -163,7 +150,6 @@ def _artifact_classes(built_for: list[str] | None, verified_on: list[str] | None
 
 def cmd_bundle_create(args: argparse.Namespace) -> int:
     from sidecar.bundle import create_bundle, read_signed_unverified
-    from sidecar.errors import SidecarError
     from sidecar.keys import key_id
     from sidecar.trust import BUNDLE_ROLE, expires_in, verify_root_self_signed
 
@@ -237,7 +223,7 @@ def add_parser(subparsers) -> tuple[argparse.ArgumentParser, argparse.ArgumentPa
                                            "root.json v1, signed by the root keys.")
     init.add_argument("--dir", required=True, metavar="KEYDIR", help="new (or empty) folder for the keys")
     _role_options(init, 365)
-    init.set_defaults(func=lambda a: _run("keys init", cmd_keys_init, a))
+    init.set_defaults(func=_signing(cmd_keys_init))
     rotate = keys_sub.add_parser(
         "rotate", help="new keys and root.json version+1 signed by the old and the new root keys",
         description="Generate new keys in NEWDIR and write NEWDIR/root.json with the next version, signed by the "
@@ -248,7 +234,7 @@ def add_parser(subparsers) -> tuple[argparse.ArgumentParser, argparse.ArgumentPa
     rotate.add_argument("--keep-bundle-keys", action="store_true",
                         help="keep the current bundle keys (copied to NEWDIR) and rotate the root keys only")
     _role_options(rotate, 365)
-    rotate.set_defaults(func=lambda a: _run("keys rotate", cmd_keys_rotate, a))
+    rotate.set_defaults(func=_signing(cmd_keys_rotate))
 
     bundle = subparsers.add_parser(
         "bundle", help="sign a model version folder into a bundle file for the sidecar",
@@ -262,7 +248,7 @@ def add_parser(subparsers) -> tuple[argparse.ArgumentParser, argparse.ArgumentPa
     create.add_argument("model_version_dir", metavar="MODEL_VERSION_DIR", help="the model version folder to bundle")
     create.add_argument("--model-name", required=True, help="the Triton model it is for, e.g. detect_detector")
     create.add_argument("--model-version", required=True, help="semantic version of this build, e.g. 1.2.0")
-    create.add_argument("--target", required=True, choices=["cpu", "intel", "nvidia-gpu", "jetson"])
+    create.add_argument("--target", required=True, choices=TARGETS)
     create.add_argument("--metadata-version", type=int, required=True, metavar="N",
                         help="signed metadata version: must grow with every bundle of this model name "
                              "(devices refuse older ones, and a different bundle under an installed version)")
@@ -290,6 +276,6 @@ def add_parser(subparsers) -> tuple[argparse.ArgumentParser, argparse.ArgumentPa
     create.add_argument("--expires-days", type=float, default=90, metavar="D",
                         help="the metadata expires after D days (default 90): devices refuse it afterwards")
     add_bundle_create_options(create)
-    create.set_defaults(func=lambda a: _run("bundle create", cmd_bundle_create, a))
-    add_golden_parser(bundle_sub, _run)
+    create.set_defaults(func=_signing(cmd_bundle_create))
+    add_golden_parser(bundle_sub)
     return keys, bundle

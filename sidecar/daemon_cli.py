@@ -15,6 +15,7 @@ import threading
 from pathlib import Path
 from typing import Callable
 
+from builder.targets import TARGETS
 from sidecar.state import TERMINAL, State, now_iso
 
 
@@ -34,7 +35,7 @@ def add_options(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--min-free-bytes", type=int, default=64 << 20, help="disk that must stay free after staging")
     parser.add_argument("--probation-s", type=float, default=60.0, help="probation window after a commit")
     parser.add_argument("--stage", choices=["canary", "ga"], default="canary", help="rollout stage (thresholds)")
-    parser.add_argument("--target", choices=["cpu", "intel", "nvidia-gpu", "jetson"],
+    parser.add_argument("--target", choices=TARGETS,
                         help="the build target this device serves (default: the served detector's)")
     parser.add_argument("--device-class", action="append", metavar="CLASS",
                         help="this device's class(es) (default: detected, see `edgestack device-info`)")

@@ -8,7 +8,6 @@ a hash mismatch, other HTTP 4xx) raise at once and delete the .part file, whose 
 """
 from __future__ import annotations
 
-import hashlib
 import http.client
 import logging
 import os
@@ -19,6 +18,7 @@ import urllib.request
 from pathlib import Path
 from typing import Protocol
 
+from backends.common.files import sha256_file
 from sidecar.durable import fsync_dir
 from sidecar.errors import DownloadError
 
@@ -77,7 +77,7 @@ def download(url: str, dest: Path, *, expected_size: int, expected_sha256: str, 
             part.unlink(missing_ok=True)
             raise DownloadError(f"download of {url} refused on attempt {attempt}: {exc}") from None
         part.touch()  # an empty expected file is never fetched
-        digest = _sha256(part)
+        digest = sha256_file(part)
         if digest != expected_sha256:
             part.unlink()
             raise DownloadError(f"download of {url}: sha256 {digest} differs from the expected {expected_sha256}; "
@@ -152,11 +152,3 @@ def _size(path: Path) -> int:
         return path.stat().st_size
     except FileNotFoundError:
         return 0
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

@@ -1,5 +1,6 @@
 """Errors of the sidecar. Third-party errors (cryptography, tritonclient, urllib, bsdiff4, zstandard)
-are mapped to these at the boundary where they occur.
+are mapped to these at the boundary where they occur. SidecarError derives from the project's root,
+backends.errors.EdgestackError, which the CLI reports.
 
 SidecarError
  +-- TrustError            metadata cannot be trusted
@@ -18,9 +19,10 @@ SidecarError
  +-- BlocklistError        no blocked bundle matches (or several do) what `unblock` names
  +-- StateError            the persisted state file is unreadable or inconsistent
 """
+from backends.errors import EdgestackError
 
 
-class SidecarError(Exception):
+class SidecarError(EdgestackError):
     """Base of the sidecar's errors."""
 
 

@@ -16,16 +16,16 @@ from __future__ import annotations
 
 import base64
 import dataclasses
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+from backends.common import files
+from backends.common.files import IMAGE_SUFFIXES, sha256_file
 from sidecar.bundle_types import ExpectedOutput
 from sidecar.errors import GoldenSetError
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 PIPELINE_SUFFIX = ".pipeline.json"  # builder.repository.PIPELINE_FILE_SUFFIX
 GATE_SCORE_TOLERANCE = 0.05  # sidecar.health.StageThresholds.score_tolerance of every stage
 
@@ -147,14 +147,6 @@ def reference_from_repository(repository: Path, detector_model: str | None = Non
     return reference
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 # --- making a set --------------------------------------------------------------------------------------
 
 def image_files(paths: Iterable[Path]) -> list[Path]:
@@ -162,13 +154,13 @@ def image_files(paths: Iterable[Path]) -> list[Path]:
     found: list[Path] = []
     for path in map(Path, paths):
         if path.is_dir():
-            found += sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            found += files.image_files(path)
         elif path.is_file():
             found.append(path)
         else:
             raise GoldenSetError(f"golden image {path} does not exist")
     if not found:
-        raise GoldenSetError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {', '.join(map(str, paths))}")
+        raise GoldenSetError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {', '.join(map(str, paths))}")
     return found
 
 

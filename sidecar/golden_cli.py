@@ -112,7 +112,7 @@ def cmd_bundle_golden(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_golden_parser(bundle_sub, run) -> argparse.ArgumentParser:
+def add_golden_parser(bundle_sub) -> argparse.ArgumentParser:
     golden = bundle_sub.add_parser(
         "golden", help="make the expected outputs a bundle's health gate checks, with the reference FP32 pipeline",
         description="Run the source FP32 ONNX model in process (ONNX Runtime) with the server's own preprocess and "
@@ -128,5 +128,5 @@ def add_golden_parser(bundle_sub, run) -> argparse.ArgumentParser:
                                                          "model, e.g. detect_detector")
     golden.add_argument("--out", required=True, metavar="FILE", help="golden file to write (JSON)")
     add_criteria_options(golden)
-    golden.set_defaults(func=lambda a: run("bundle golden", cmd_bundle_golden, a))
+    golden.set_defaults(func=cmd_bundle_golden)
     return golden

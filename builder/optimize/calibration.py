@@ -12,11 +12,10 @@ from typing import Iterator
 
 import numpy as np
 
+from backends.common.files import image_folder
 from backends.errors import InvalidImageError
 from backends.preprocess.image_ops import DecodeLimits, InputSpec, decode_image, prepare_input
 from builder.errors import BuilderError
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 
 
 class CalibrationError(BuilderError):
@@ -40,12 +39,7 @@ class CalibrationSet:
 
 def load_calibration_set(folder: Path, spec: InputSpec, limits: DecodeLimits, count: int | None = None) -> CalibrationSet:
     """The first `count` images of folder (sorted by name), preprocessed exactly as the server does."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise CalibrationError(f"calibration folder {folder} does not exist")
-    paths = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    if not paths:
-        raise CalibrationError(f"calibration folder {folder} has no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    paths = image_folder(Path(folder), CalibrationError, "calibration folder")
     if count is not None:
         if count < 1:
             raise CalibrationError(f"calibration needs at least one image, asked for {count}")

@@ -24,6 +24,7 @@ from typing import Any, Mapping
 from builder.device_class import (ARM_CLASSES, CPU_CLASSES, X86_CLASSES, ArtifactClasses, DeviceClassError,
                                   check_class, detect, target_classes)
 from builder.errors import BuilderError
+from builder.targets import GPU_TARGETS
 
 # x86 classes whose U8S8 kernels sum pairs of products in 16 bits (saturating)
 SATURATING_X86 = tuple(c for c in X86_CLASSES if c != "x86-vnni")
@@ -95,7 +96,7 @@ def built_for(variant: Any) -> tuple[str, ...]:
         if not gpus:
             raise Int8ClassError("a TensorRT plan is built for the GPU it was built on, and this machine has none")
         return gpus
-    gpu = union(*(target_classes(t) for t in variant.targets if t in ("nvidia-gpu", "jetson")))
+    gpu = union(*(target_classes(t) for t in variant.targets if t in GPU_TARGETS))
     if variant.precision != "int8":
         return union(*(target_classes(t) for t in variant.targets))
     if variant.runtime == "openvino":

@@ -17,6 +17,7 @@ import platform
 from pathlib import Path
 from typing import Any
 
+from backends.common.files import sha256_file
 from builder.optimize.variants import Variant
 from builder.spec import PipelineSpec
 
@@ -31,14 +32,6 @@ TOOLS = {
     "nncf": ("nncf",),
     "numpy": ("numpy",),
 }
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def tool_versions() -> dict[str, str]:

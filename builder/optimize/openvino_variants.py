@@ -32,11 +32,11 @@ import numpy as np
 from builder.errors import BuilderError
 from builder.optimize.calibration import CalibrationSet
 from builder.optimize.variants import Variant
+from builder.targets import OPENVINO_TARGETS
 
 OPENVINO_PRECISIONS = ("fp32", "fp16")
 NNCF_PRESETS = ("mixed", "performance")
 IR_FILE = "model.xml"
-TARGETS = ("intel",)
 
 # Ops that do the network's heavy lifting; post-processing is what lies after the last of them.
 _COMPUTE_TYPES = frozenset({"Convolution", "GroupConvolution", "MatMul", "ConvolutionBackpropData",
@@ -121,7 +121,7 @@ def build_openvino(source: Path, out_dir: Path, precision: str = "fp32", *, outp
     model, options = _prepare(source, outputs, fold)
     path = _save(model, out_dir, compress_to_fp16=precision == "fp16")
     options.update(compress_to_fp16=precision == "fp16", build_seconds=round(time.perf_counter() - started, 2))
-    return Variant(name or f"ov-{precision}", "openvino", precision, path, options, TARGETS)
+    return Variant(name or f"ov-{precision}", "openvino", precision, path, options, OPENVINO_TARGETS)
 
 
 # Ops that commute with a transpose of all their inputs (elementwise, no broadcasting when shapes match).
@@ -356,7 +356,7 @@ def build_openvino_int8(source: Path, out_dir: Path, calibration: CalibrationSet
         "calibration_files": [p.name for p in calibration.paths],
         "build_seconds": round(time.perf_counter() - started, 2),
     })
-    return Variant(name or "ov-int8", "openvino", "int8", path, options, TARGETS)
+    return Variant(name or "ov-int8", "openvino", "int8", path, options, OPENVINO_TARGETS)
 
 
 def _advanced_parameters(activation_range: str | None, overflow_fix: str | None = None):

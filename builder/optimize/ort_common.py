@@ -17,12 +17,12 @@ from typing import Iterator
 
 import numpy as np
 
+from backends.common.files import sha256_file
 from builder.errors import BuilderError
-from builder.optimize.manifest import sha256_file
+from builder.targets import GPU_TARGETS, ONNX_TARGETS
 
 MODEL_FILE = "model.onnx"
-FP32_TARGETS = ("cpu", "nvidia-gpu", "jetson")
-GPU_TARGETS = ("nvidia-gpu", "jetson")
+FP32_TARGETS = ONNX_TARGETS  # an FP32 ONNX model serves on every target that runs ONNX
 
 __all__ = ["MODEL_FILE", "FP32_TARGETS", "GPU_TARGETS", "QuantizationError", "sha256_file", "ort_versions", "staged",
            "session_options", "check_runs", "collect_warnings", "input_names", "zero_feed"]

@@ -12,10 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from backends.common.files import image_folder
 from builder.device_class import host_class
 from builder.errors import BuilderError
 from builder.optimize import int8_classes
-from builder.optimize.calibration import IMAGE_SUFFIXES, CalibrationSet, load_calibration_set
+from builder.optimize.calibration import CalibrationSet, load_calibration_set
 from builder.optimize.variants import Variant, VariantRunner, save_variant
 from builder.spec import PipelineSpec
 
@@ -141,9 +142,7 @@ def optimize(spec: PipelineSpec, settings: OptimizeSettings, log: Callable[[str]
     from builder.optimize.select import refusals, select_variant
 
     calibration = load_calibration_set(settings.calibration_dir, spec.input, spec.limits, settings.calibration_count)
-    images = sorted(p for p in Path(settings.eval_dir).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not images:
-        raise BuilderError(f"evaluation folder {settings.eval_dir} has no images")
+    images = image_folder(settings.eval_dir, BuilderError, "evaluation folder")
     eval_tensors = list(load_calibration_set(settings.eval_dir, spec.input, spec.limits).batches())
     fixed_batch = inspect_onnx(spec.model_path).fixed_batch
     host, target = host_class(), settings.target_class()

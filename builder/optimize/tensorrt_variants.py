@@ -14,6 +14,7 @@ import numpy as np
 from builder.errors import TargetError
 from builder.optimize.calibration import CalibrationSet
 from builder.optimize.variants import Variant
+from builder.targets import GPU_TARGETS
 
 PLAN_PRECISIONS = ("fp16", "int8")
 
@@ -107,4 +108,4 @@ def build_tensorrt(source: Path, out_dir: Path, precision: str, *, calibration: 
         shutil.move(str(staged), out_dir / "model.plan")
     options = {"precision": precision, "from_qdq": is_qdq, "workspace_bytes": workspace_bytes,
                "tensorrt": trt.__version__, "calibration_sha256": calibration.sha256 if calibration else None}
-    return Variant(name or f"trt-{precision}", "tensorrt", precision, out_dir / "model.plan", options, ("nvidia-gpu", "jetson"))
+    return Variant(name or f"trt-{precision}", "tensorrt", precision, out_dir / "model.plan", options, GPU_TARGETS)

@@ -30,11 +30,12 @@ from typing import Iterator
 import numpy as np
 import pytest
 
+from backends.common.files import image_files
 from backends.detector.onnx_runner import OnnxDetector, make_session
 from builder.device_class import host_class
 from builder.optimize import evaluate
 from builder.optimize import ort_variants as ov
-from builder.optimize.calibration import IMAGE_SUFFIXES, load_calibration_set
+from builder.optimize.calibration import load_calibration_set
 from builder.optimize.evaluate import ImageDetections
 from builder.optimize.int8_classes import settings_for
 from builder.optimize.pipeline import DEFAULT_ACCURACY_FLOOR
@@ -71,7 +72,7 @@ def spec():
 @pytest.fixture(scope="module")
 def eval_images() -> list[Path]:
     """The fixture photos not used for calibration (load_calibration_set takes the first ones by name)."""
-    photos = sorted(p for p in IMAGES.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    photos = image_files(IMAGES)
     return photos[CALIBRATION_IMAGES:]
 
 

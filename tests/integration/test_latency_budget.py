@@ -1,4 +1,4 @@
-"""Latency budget against a real tritonserver, and the FastAPI peer's request handler."""
+"""Latency budget against a real tritonserver."""
 from __future__ import annotations
 
 import json
@@ -6,7 +6,7 @@ import json
 import pytest
 
 from edgestack.latency_budget import Budget, add_parser, measure_budget
-from tests.conftest import IMAGES, SPEC
+from tests.conftest import IMAGES
 
 pytestmark = pytest.mark.integration
 
@@ -78,32 +78,3 @@ def test_bench_command_against_a_running_server(edge_server, tmp_path, capsys):
     assert args.func(args) == 0
     assert "detect_detector" in capsys.readouterr().out
     assert Budget.from_dict(json.loads(out.read_text())).requests == 3
-
-
-# ---- the peer service of benchmarks/peer_fastapi.py ----------------------------------------------------
-
-@pytest.fixture(scope="module")
-def peer_detector():
-    from benchmarks.fastapi_peer_app import PeerDetector
-    from builder.spec import load_spec
-
-    return PeerDetector(load_spec(SPEC), threads=1)
-
-
-def test_peer_detector_finds_the_dog(peer_detector):
-    result = peer_detector((IMAGES / "dog.jpg").read_bytes())
-    assert result["source"] == "peer"
-    assert "dog" in [d["class_name"] for d in result["detections"]]
-
-
-def test_peer_app_handler(peer_detector):
-    pytest.importorskip("httpx", reason="FastAPI's TestClient needs httpx")
-    from fastapi.testclient import TestClient
-
-    from benchmarks.fastapi_peer_app import create_app
-
-    with TestClient(create_app(peer_detector)) as client:
-        ok = client.post("/detect", content=(IMAGES / "dog.jpg").read_bytes())
-        assert ok.status_code == 200
-        assert "dog" in [d["class_name"] for d in ok.json()["detections"]]
-        assert client.post("/detect", content=b"not an image").status_code == 400

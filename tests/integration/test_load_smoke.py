@@ -11,7 +11,7 @@ import subprocess
 
 import pytest
 
-from loadtests.run import LoadReport, run_load
+from edgestack.load import LoadReport, run_load
 
 pytestmark = pytest.mark.integration
 

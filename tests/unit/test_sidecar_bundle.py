@@ -1,7 +1,6 @@
 """sidecar.bundle (+ sidecar.cli): deterministic signed bundles, verified before and while they are staged."""
 from __future__ import annotations
 
-import argparse
 import base64
 import hashlib
 import io
@@ -15,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from builder.optimize.manifest import manifest_sha256
+from edgestack.cli import main
 from sidecar import bundle as B
-from sidecar import cli
 from sidecar.bundle_types import ExpectedOutput, VerifiedBundle
 from sidecar.errors import BundleError, DiskSpaceError, ExpiredError, RollbackError, SignatureError
 from sidecar.keys import generate_key
@@ -300,10 +299,8 @@ def test_non_empty_staging_is_left_alone(tmp_path, keys, trust, model_dir):
 # --- CLI ----------------------------------------------------------------------------------------------------
 
 def run_cli(*argv) -> int:
-    parser = argparse.ArgumentParser(prog="edgestack")
-    cli.add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args([str(a) for a in argv])
-    return args.func(args)
+    """`edgestack ARGV...`: errors are reported by the CLI's main, exit code 2."""
+    return main([str(a) for a in argv])
 
 
 def test_cli_keys_bundle_and_rotation(tmp_path, model_dir, capsys):

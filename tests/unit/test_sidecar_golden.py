@@ -1,7 +1,6 @@
 """sidecar.golden (+ bundle golden / bundle create --golden-images) and the gate's report of every mismatch."""
 from __future__ import annotations
 
-import argparse
 import base64
 import json
 import os
@@ -13,8 +12,8 @@ import pytest
 from PIL import Image
 
 from builder.spec import load_spec
+from edgestack.cli import main
 from sidecar import bundle as B
-from sidecar import cli
 from sidecar.bundle_types import ExpectedOutput
 from sidecar.errors import GoldenSetError, HealthGateError
 from sidecar.golden import (GoldenCriteria, judge, make_golden_set, read_expected, reference_from_repository,
@@ -130,10 +129,8 @@ def test_repository_settings_need_the_model_it_was_rendered_from(tmp_path):
 # --- CLI -------------------------------------------------------------------------------------------------
 
 def run_cli(*argv) -> int:
-    parser = argparse.ArgumentParser(prog="edgestack")
-    cli.add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args([str(a) for a in argv])
-    return args.func(args)
+    """`edgestack ARGV...`: errors are reported by the CLI's main, exit code 2."""
+    return main([str(a) for a in argv])
 
 
 @pytest.fixture
