@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Sequence
 
 from builder.targets import TARGETS
-from edgestack.errors import EdgestackError
+from edgestack.errors import ClientError, EdgestackError
 from edgestack.inputs import DEFAULT_SPEC
 
 DEFAULT_PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}
@@ -91,7 +91,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
             data = path.read_bytes()
             try:
                 result = client.detect(data)
-            except EdgestackError as exc:
+            except ClientError as exc:
                 failures += 1
                 print(json.dumps({"image": str(path), "error": str(exc)}))
                 continue

@@ -9,7 +9,7 @@ from builder.repository import render_repository
 from builder.spec import load_spec
 from edgestack.annotate import write_annotated
 from edgestack.client import DetectionClient
-from edgestack.errors import EdgestackError
+from edgestack.errors import ClientError
 from edgestack.inputs import image_folder
 from edgestack.server import TritonServer
 
@@ -29,7 +29,7 @@ def run_demo(spec_path: Path, images_dir: Path, out_dir: Path, protocol: str = "
                 started = time.perf_counter()
                 try:
                     result = client.detect(data)
-                except EdgestackError as exc:
+                except ClientError as exc:
                     failures += 1
                     rows.append((path.name, f"ERROR {exc}", "", 0.0))
                     continue

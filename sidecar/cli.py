@@ -136,16 +136,13 @@ def cmd_keys_rotate(args: argparse.Namespace) -> int:
 
 def _artifact_classes(built_for: list[str] | None, verified_on: list[str] | None):
     """--device-class / --verified-on as ArtifactClasses; None (the manifest's or the target's) when not given."""
-    from builder.device_class import ArtifactClasses, DeviceClassError
+    from builder.device_class import ArtifactClasses
 
     if not built_for:
         if verified_on:
             raise SidecarError("--verified-on needs --device-class")
         return None
-    try:
-        return ArtifactClasses(tuple(built_for), tuple(verified_on or ()))
-    except DeviceClassError as exc:
-        raise SidecarError(str(exc)) from exc
+    return ArtifactClasses(tuple(built_for), tuple(verified_on or ()))
 
 
 def cmd_bundle_create(args: argparse.Namespace) -> int:
