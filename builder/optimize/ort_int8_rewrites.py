@@ -4,6 +4,9 @@
   outlier_prob and 1 - outlier_prob quantiles of every float tensor; averaged over the images), handed to
   quantize_static as TensorQuantOverrides. ORT's min/max takes the extreme of all images, which on MobileNetV3
   leaves the small channels of a tensor with a few levels; its percentile pools |x| over all images.
+- float_tail_inputs: the tensors the quantized body hands to the float decode tail (CenterNet's class logits) take
+  the extremes of all images, not mean quantiles: their tails are the detections. With the mean 1 - 1e-4 quantile
+  (about -1.9) the uint8 range ends at 0, and every detection above sigmoid(0) = 0.5 scored exactly 0.5.
 - separate_resize_ranges: keeps an excluded bilinear Resize running in float. When its input and output share one
   scale, ORT's optimizer drops the DQ -> Resize -> Q around it and runs its slow uint8 NHWC Resize.
 - fold_scalar_muls: DQ(x) * c -> Q -> DQ becomes DQ(x) with scale * c. MobileNetV3's hard-swish is
@@ -37,13 +40,23 @@ def _float_node_outputs(model) -> list[str]:
     return [o for n in model.graph.node for o in n.output if o and types.get(o) == onnx.TensorProto.FLOAT]
 
 
+def float_tail_inputs(model, excluded: Sequence[str]) -> list[str]:
+    """Tensors a quantized node produces and a node kept in float (excluded) reads: the body -> float tail seam."""
+    excluded = set(excluded)
+    producer = {out: node.name for node in model.graph.node for out in node.output}
+    return sorted({name for node in model.graph.node if node.name in excluded for name in node.input
+                   if name in producer and producer[name] not in excluded})
+
+
 def mean_quantile_ranges(model_path: Path, tensors: Sequence[np.ndarray], input_name: str,
-                         outlier_prob: float = DEFAULT_OUTLIER_PROB) -> dict[str, tuple[float, float]]:
+                         outlier_prob: float = DEFAULT_OUTLIER_PROB,
+                         extremes: Sequence[str] = ()) -> dict[str, tuple[float, float]]:
     """{tensor: (low, high)} for every float tensor a node of the model produces.
 
     Per image, low is the k-th smallest and high the k-th largest value of the tensor, k = floor(outlier_prob *
-    (size - 1)); both are averaged over the images. ORT runs the model unoptimized on one thread, so the tensors
-    are the graph's own and the result is the same on every run.
+    (size - 1)); both are averaged over the images. The tensors named in `extremes` get the smallest and largest
+    value over all images instead. ORT runs the model unoptimized on one thread, so the tensors are the graph's
+    own and the result is the same on every run.
     """
     import onnx
     import onnxruntime as ort
@@ -64,6 +77,8 @@ def mean_quantile_ranges(model_path: Path, tensors: Sequence[np.ndarray], input_
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     lows: dict[str, list[float]] = {n: [] for n in names}
     highs: dict[str, list[float]] = {n: [] for n in names}
+    mins: dict[str, list[float]] = {n: [] for n in names}
+    maxes: dict[str, list[float]] = {n: [] for n in names}
     for tensor in tensors:
         for name, value in zip(names, session.run(names, {input_name: np.ascontiguousarray(tensor, np.float32)})):
             flat = np.asarray(value, dtype=np.float32).ravel()
@@ -73,7 +88,12 @@ def mean_quantile_ranges(model_path: Path, tensors: Sequence[np.ndarray], input_
             ends = np.partition(flat, (k, flat.size - 1 - k))
             lows[name].append(float(ends[k]))
             highs[name].append(float(ends[flat.size - 1 - k]))
-    return {n: (float(np.mean(lows[n])), float(np.mean(highs[n]))) for n in names if lows[n]}
+            mins[name].append(float(ends[0]) if k == 0 else float(flat.min()))
+            maxes[name].append(float(ends[-1]) if k == 0 else float(flat.max()))
+    ranges = {n: (float(np.mean(lows[n])), float(np.mean(highs[n]))) for n in names if lows[n]}
+    for name in set(extremes) & set(ranges):
+        ranges[name] = (float(np.min(mins[name])), float(np.max(maxes[name])))
+    return ranges
 
 
 def uint8_params(low: float, high: float) -> tuple[np.float32, int]:

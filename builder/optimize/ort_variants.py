@@ -240,7 +240,7 @@ def _effective_calibration(options: QuantOptions) -> str:
         return f"percentile {options.percentile:g} of |x| (2048-bin histogram), clipped to the observed min/max"
     if options.calibration == "mean-quantile":
         return (f"mean over images of the per-image {options.outlier_prob:g} / {1 - options.outlier_prob:g} quantiles "
-                "(TensorQuantOverrides for every float node output)")
+                "(TensorQuantOverrides for every float node output; the float tail's inputs take the extremes)")
     return "minmax"
 
 
@@ -291,7 +291,9 @@ def _quantize(prepared: Path, target: Path, calibration: CalibrationSet, input_n
     done["op_types_to_quantize"] = op_types_to_quantize(options.exclude_op_types)
     ranges = None
     if options.calibration == "mean-quantile":
-        ranges = rewrites.mean_quantile_ranges(prepared, calibration.tensors, input_name, options.outlier_prob)
+        done["float_tail_inputs"] = rewrites.float_tail_inputs(model, options.exclude_nodes)
+        ranges = rewrites.mean_quantile_ranges(prepared, calibration.tensors, input_name, options.outlier_prob,
+                                               extremes=done["float_tail_inputs"])
         if options.float_resize:
             done["resize_ranges_widened"] = rewrites.separate_resize_ranges(ranges, model, done["float_resize_nodes"])
     elif options.calibration == "entropy":

@@ -365,6 +365,18 @@ def test_fast_recipe_runs_every_conv_in_int8_and_the_resizes_in_float(fast_int8)
     assert json.loads(json.dumps(options)) == options
 
 
+def test_fast_recipe_scores_are_not_capped_at_the_float_tails_seam(spec, fast_int8_portable):
+    """The class logits handed to the float decode tail take the extremes of the calibration images: with mean
+    quantiles their uint8 range ended at 0 and every detection above sigmoid(0) scored exactly 0.5."""
+    seam = "tower_0/CenternetHead/centernet_cls_output/BiasAdd_BiasAdd__107:0"
+    assert seam in fast_int8_portable.options["float_tail_inputs"]
+    fp32, int8 = session(MODEL), session(fast_int8_portable.path)
+    fp32_best = max(float(detect(spec, fp32, p.name)[1].max(initial=0)) for p in all_images())
+    int8_scores = np.concatenate([detect(spec, int8, p.name)[1] for p in all_images()])
+    assert fp32_best > 0.55, "the check needs FP32 detections well above 0.5"
+    assert int8_scores.max() > 0.52 and np.count_nonzero(int8_scores == np.float32(0.5)) <= 1
+
+
 def test_fast_recipe_is_closer_to_fp32_than_orts_minmax(spec, fast_int8, int8_head_float):
     """Same calibration images, same decode tail kept float, same CPU-class settings: only the ranges and the
     rewrites differ, and they are what keeps the detections (docs/INT8.md)."""
