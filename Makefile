@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # The fixture photos and detector beside the checkout (the default spec names ../../shared/fixtures/models too).
 FIXTURES ?= ../shared/fixtures
 
-.PHONY: setup demo test unit bench clean
+.PHONY: setup demo test unit lint bench clean
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,9 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -ra
+
+lint: setup
+	$(BIN)/ruff check .
 
 unit: setup
 	$(BIN)/python -m pytest -ra tests/unit

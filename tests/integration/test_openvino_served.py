@@ -8,7 +8,6 @@ little (~0.04 on average on this model), so only ov-fp32 must also give every FP
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Iterator
 
 import pytest

@@ -1,7 +1,6 @@
 """backends.detector.onnx_runner: request batching with error isolation, and the real fixture graph."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +24,7 @@ from builder.optimize.report import variant_row, write_report
 from builder.optimize.select import refusals, select_variant
 from builder.optimize.variants import Variant
 from builder.spec import load_spec
-from tests.conftest import IMAGES, MODEL, SPEC
+from tests.conftest import MODEL, SPEC
 
 THRESHOLD = 0.35
 
