@@ -8,6 +8,7 @@ EdgestackError                 (this module; edgestack.errors re-exports it)
  |    +-- InvalidImageError    the request's image cannot be used (empty, undecodable, truncated, too small/large)
  |    +-- InvalidTensorError   a tensor has the wrong dtype, shape or contents
  |    +-- CloudUnavailableError  the cloud endpoint failed, timed out or is shut off by the circuit breaker
+ +-- SettingsError             (this module) a step's settings (backends.common.settings) are missing or invalid
  +-- BuilderError              (builder.errors) a spec, config, target or model variant cannot be built
  +-- SidecarError              (sidecar.errors) trust, bundles, deltas, downloads, Triton control, gate, state
  +-- ServerError, ClientError  (edgestack.errors) tritonserver or a detection request failed
@@ -36,3 +37,9 @@ class InvalidTensorError(BackendError):
 
 class CloudUnavailableError(BackendError):
     """The cloud endpoint did not answer in time, answered with an error, or is shut off."""
+
+
+class SettingsError(EdgestackError, ValueError):
+    """The settings the builder wrote for a step (backends.common.settings) are missing or invalid.
+
+    A ValueError too, so code that validates values (the spec loader) treats it as one."""

@@ -7,7 +7,7 @@ Layout (model names prefixed with the pipeline name so several pipelines can sha
     <out>/<name>_postprocess/...
     <out>/<name>_router/...
     <out>/<name>/{config.pbtxt, 1/}          the ensemble clients call
-    <out>/<name>.pipeline.json               the resolved spec and model hash, for clients and audits
+    <out>/<name>.pipeline.json               the resolved spec, the source model's pipeline settings and model hash
 """
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ from builder import steps
 from builder.errors import BuilderError, TargetError
 from builder.input_fusion import fuse_input_conversion
 from builder.model_inspect import ModelInterface, inspect_onnx
+from builder.settings import detector_model_filename, fuses_input, pipeline_settings
 from builder.spec import PipelineSpec
 from builder.targets import TargetProfile, make_target
 from builder.triton_config import ModelConfig
@@ -56,8 +57,9 @@ def check_interface(spec: PipelineSpec, interface: ModelInterface) -> None:
     """Fail at build time when the spec does not describe the model file."""
     if spec.input_name not in interface.inputs:
         raise BuilderError(f"model has no input {spec.input_name!r}; its inputs: {sorted(interface.inputs)}")
-    if spec.output.name not in interface.outputs:
-        raise BuilderError(f"model has no output {spec.output.name!r}; its outputs: {sorted(interface.outputs)}")
+    missing = [name for name in spec.output.names if name not in interface.outputs]
+    if missing:
+        raise BuilderError(f"model has no output {missing[0]!r}; its outputs: {sorted(interface.outputs)}")
     model_in = interface.inputs[spec.input_name]
     expected = spec.input_shape
     actual = model_in.shape[1:]
@@ -68,10 +70,10 @@ def check_interface(spec: PipelineSpec, interface: ModelInterface) -> None:
         )
     if model_in.dtype != spec.input.dtype:
         raise BuilderError(f"model input {spec.input_name!r} is {model_in.dtype}, the spec says {spec.input.dtype}")
-    problem = get_format(spec.output.format).check_shapes([interface.outputs[spec.output.name].shape],
+    problem = get_format(spec.output.format).check_shapes([interface.outputs[n].shape for n in spec.output.names],
                                                           len(spec.classes))
     if problem:
-        raise BuilderError(f"{spec.output.name!r}: {problem}")
+        raise BuilderError(f"{', '.join(map(repr, spec.output.names))}: {problem}")
 
 
 def _copy_python_model(step: str, version_dir: Path) -> None:
@@ -128,8 +130,9 @@ def _check_openvino_ir(spec: PipelineSpec, xml: Path) -> None:
     outputs = {n for port in model.outputs for n in port.get_names()}
     if spec.input_name not in inputs:
         raise BuilderError(f"OpenVINO variant {xml} has no input {spec.input_name!r}; its inputs: {sorted(inputs)}")
-    if spec.output.name not in outputs:
-        raise BuilderError(f"OpenVINO variant {xml} has no output {spec.output.name!r}; its outputs: {sorted(outputs)}")
+    missing = [name for name in spec.output.names if name not in outputs]
+    if missing:
+        raise BuilderError(f"OpenVINO variant {xml} has no output {missing[0]!r}; its outputs: {sorted(outputs)}")
     shape = inputs[spec.input_name].get_partial_shape()
     item = tuple(d.get_length() if d.is_static else -1 for d in list(shape)[1:])
     if len(item) != 3 or any(a not in (-1, e) for a, e in zip(item, spec.input_shape)):
@@ -160,12 +163,12 @@ def _check_variant(spec: PipelineSpec, variant: "Variant") -> None:
 def _write_detector_model(spec: PipelineSpec, target: TargetProfile, variant: "Variant | None", version_dir: Path) -> None:
     """The detector's model file(s): the spec's ONNX model, or the variant's files, input-fused where
     the target moves the input conversion into an ONNX graph (the OpenVINO runner does its own)."""
-    model_file = version_dir / steps.detector_model_filename(target)
+    model_file = version_dir / detector_model_filename(target)
     source = spec.model_path if variant is None else variant.path
     if target.detector_engine == "python_openvino":
         shutil.copy2(source, model_file)
         shutil.copy2(source.with_suffix(".bin"), model_file.with_suffix(".bin"))
-    elif steps.fuses_input(spec, target):
+    elif fuses_input(spec, target):
         fuse_input_conversion(source, model_file, spec.input_name, spec.input)
     else:
         shutil.copy2(source, model_file)
@@ -209,6 +212,7 @@ def render_repository(spec: PipelineSpec, out: Path, target: TargetProfile | Non
         _write_model(staging, configs.ensemble, None)
         pipeline = {
             "spec": spec.to_dict(),
+            "settings": pipeline_settings(spec).to_dict(),  # what golden sets run the source model with
             "target": asdict(target),
             "model_sha256": sha256_file(spec.model_path),
             "ensemble": configs.ensemble.name,

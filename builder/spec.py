@@ -12,9 +12,9 @@ from typing import Any, Mapping
 
 import yaml
 
+from backends.common.settings import DecodeLimits as Limits
+from backends.common.settings import InputSpec, RouterSettings, Thresholds
 from backends.postprocess.formats import FORMATS
-from backends.preprocess.image_ops import DecodeLimits as Limits
-from backends.preprocess.image_ops import InputSpec
 from builder.errors import SpecError
 from builder.targets import TARGETS
 
@@ -28,45 +28,38 @@ def _require(condition: bool, message: str) -> None:
 
 @dataclass(frozen=True)
 class OutputSpec:
-    name: str
+    """The model's output tensors, one per role of the format (formats.OutputFormat.outputs). `name` names the
+    tensor of a one-output format (and wins over `names` there); `names` maps every role to its tensor
+    ({role: tensor}, or a list in the format's role order). After loading, `names` lists the tensors in role
+    order and `name` is the tensor of a one-output format ("" for several)."""
+
+    name: str = ""
     format: str = "detections"
+    names: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        _require(bool(self.name), "model.output.name must name the model's output tensor")
         _require(self.format in FORMATS, f"model.output.format {self.format!r} is not one of: " + "; ".join(
             f"{f.name} ({f.summary})" for f in FORMATS.values()))
-
-
-@dataclass(frozen=True)
-class Thresholds:
-    score: float = 0.35
-    iou: float = 0.5
-    max_detections: int = 100
-    class_agnostic: bool = False
-
-    def __post_init__(self) -> None:
-        _require(0.0 <= self.score < 1.0, f"thresholds.score must be in [0, 1), got {self.score}")
-        _require(0.0 < self.iou <= 1.0, f"thresholds.iou must be in (0, 1], got {self.iou}")
-        _require(self.max_detections > 0, f"thresholds.max_detections must be positive, got {self.max_detections}")
-
-
-@dataclass(frozen=True)
-class RouterSpec:
-    cloud_url: str | None = None
-    cloud_model: str = "detect"
-    min_confidence: float = 0.5
-    deadline_ms: int = 500
-    failure_threshold: int = 3
-    cooldown_s: float = 30.0
-
-    def __post_init__(self) -> None:
-        _require(0.0 <= self.min_confidence <= 1.0, f"router.min_confidence must be in [0, 1], got {self.min_confidence}")
-        _require(self.deadline_ms > 0, f"router.deadline_ms must be positive, got {self.deadline_ms}")
-        _require(self.failure_threshold > 0, f"router.failure_threshold must be positive, got {self.failure_threshold}")
-        _require(self.cooldown_s > 0, f"router.cooldown_s must be positive, got {self.cooldown_s}")
-        if self.cloud_url is not None:
-            host, sep, port = self.cloud_url.rpartition(":")
-            _require(bool(sep and host and port.isdigit()), f"router.cloud_url must be host:port (gRPC), got {self.cloud_url!r}")
+        roles = FORMATS[self.format].outputs
+        names = self.names
+        if isinstance(names, Mapping):
+            unknown, missing = sorted(set(names) - set(roles)), [r for r in roles if r not in names]
+            _require(not unknown and not missing, f"model.output.names must map the roles of format {self.format!r} "
+                     f"({', '.join(roles)}) to model tensors; unknown: {unknown}, missing: {missing}")
+            names = tuple(names[role] for role in roles)
+        names = tuple(names) if isinstance(names, (list, tuple)) else (names,)
+        if len(roles) == 1:
+            _require(bool(self.name) or bool(names), "model.output.name must name the model's output tensor")
+            names = (self.name,) if self.name else names
+        else:
+            _require(not self.name, f"format {self.format!r} reads {len(roles)} tensors ({', '.join(roles)}): name "
+                     "them with model.output.names {role: tensor}, not model.output.name")
+        _require(len(names) == len(roles), f"model.output.names must name {len(roles)} tensor(s), one per role of "
+                 f"format {self.format!r} ({', '.join(roles)}); got {list(names)}")
+        _require(all(isinstance(n, str) and n for n in names), f"model.output.names must be tensor names, got {list(names)}")
+        _require(len(set(names)) == len(names), f"model.output.names must name different tensors, got {list(names)}")
+        object.__setattr__(self, "names", names)
+        object.__setattr__(self, "name", names[0] if len(roles) == 1 else "")
 
 
 @dataclass(frozen=True)
@@ -95,7 +88,7 @@ class PipelineSpec:
     classes: tuple[str, ...]
     thresholds: Thresholds = field(default_factory=Thresholds)
     limits: Limits = field(default_factory=Limits)
-    router: RouterSpec = field(default_factory=RouterSpec)
+    router: RouterSettings = field(default_factory=RouterSettings)
     runtime: RuntimeSpec = field(default_factory=RuntimeSpec)
     target: str = "cpu"
 
@@ -133,7 +126,8 @@ def _section(raw: Mapping[str, Any], key: str, cls: type, where: str, skip: tupl
     try:
         return cls(**converted)
     except (TypeError, ValueError) as exc:
-        raise SpecError(f"{where}{key}: {exc}") from exc
+        message = str(exc)  # the settings classes name the field themselves ("thresholds.score must ...")
+        raise SpecError(message if message.startswith(f"{where}{key}.") else f"{where}{key}: {message}") from exc
 
 
 def _load_classes(value: Any, base: Path) -> tuple[str, ...]:
@@ -171,7 +165,7 @@ def parse_spec(raw: Mapping[str, Any], base_dir: Path) -> PipelineSpec:
         classes=_load_classes(raw["classes"], base_dir),
         thresholds=_section(raw, "thresholds", Thresholds, ""),
         limits=_section(raw, "limits", Limits, ""),
-        router=_section(raw, "router", RouterSpec, ""),
+        router=_section(raw, "router", RouterSettings, ""),
         runtime=_section(raw, "runtime", RuntimeSpec, ""),
         target=str(raw.get("target", "cpu")),
     )

@@ -2,13 +2,19 @@
 from __future__ import annotations
 
 import dataclasses
-import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from backends.common import tensors as T
 from backends.common.geometry import TRANSFORM_WIDTH
-from builder.input_fusion import transport_spec
+from backends.common.settings import JsonSettings
 from builder.model_inspect import ModelInterface
+from builder.settings import (
+    detector_model_filename,
+    detector_settings,
+    fuses_input,
+    postprocess_settings,
+    preprocess_settings,
+)
 from builder.spec import PipelineSpec
 from builder.targets import TargetProfile
 from builder.triton_config import (
@@ -35,14 +41,6 @@ class PipelineConfigs:
     ensemble: ModelConfig
 
 
-def detector_model_filename(target: TargetProfile) -> str:
-    if target.detector_engine == "tensorrt_plan":
-        return "model.plan"
-    if target.detector_engine == "python_openvino":
-        return "model.xml"  # with model.bin beside it
-    return "model.onnx"
-
-
 def _batching(max_batch_size: int, target: TargetProfile) -> DynamicBatching | None:
     if max_batch_size <= 1:
         return None
@@ -54,7 +52,7 @@ def _instances(kind: str, count: int, target: TargetProfile) -> tuple[InstanceGr
     return (InstanceGroup(kind=kind, count=count, gpus=gpus),)
 
 
-def _python_model(name: str, settings: dict, *, max_batch_size: int, target: TargetProfile, kind: str, count: int,
+def _python_model(name: str, settings: JsonSettings, *, max_batch_size: int, target: TargetProfile, kind: str, count: int,
                   inputs: tuple[TensorConfig, ...], outputs: tuple[TensorConfig, ...], warmup: tuple[ModelWarmup, ...] = ()) -> ModelConfig:
     return ModelConfig(
         name=name,
@@ -64,22 +62,22 @@ def _python_model(name: str, settings: dict, *, max_batch_size: int, target: Tar
         outputs=outputs,
         instance_groups=_instances(kind, count, target),
         dynamic_batching=_batching(max_batch_size, target),
-        parameters={CONFIG_PARAMETER: json.dumps(settings, sort_keys=True)},
+        parameters={CONFIG_PARAMETER: settings.to_json()},
         warmup=warmup,
     )
 
 
-def fuses_input(spec: PipelineSpec, target: TargetProfile) -> bool:
-    """Whether the detector graph takes uint8 pixels and converts them itself (builder/input_fusion.py)."""
-    return target.fuse_input_conversion and spec.input.dtype != "uint8"
+def _model_outputs(spec: PipelineSpec, interface: ModelInterface) -> tuple[TensorConfig, ...]:
+    """The detector's output tensors, one per role of the output format, in its order."""
+    return tuple(TensorConfig(name, interface.outputs[name].dtype, interface.outputs[name].shape[1:])
+                 for name in spec.output.names)
 
 
 def _detector(spec: PipelineSpec, target: TargetProfile, interface: ModelInterface, max_batch_size: int) -> ModelConfig:
     model_in = interface.inputs[spec.input_name]
-    model_out = interface.outputs[spec.output.name]
     in_dtype = "uint8" if fuses_input(spec, target) else model_in.dtype
     inputs = (TensorConfig(spec.input_name, in_dtype, spec.input_shape),)
-    outputs = (TensorConfig(spec.output.name, model_out.dtype, model_out.shape[1:]),)
+    outputs = _model_outputs(spec, interface)
     warmup = (
         ModelWarmup(
             name="random_image",
@@ -89,19 +87,9 @@ def _detector(spec: PipelineSpec, target: TargetProfile, interface: ModelInterfa
     )
     name = f"{spec.name}_detector"
     if target.python_detector:
-        settings = {
-            "model_file": detector_model_filename(target),
-            "input_name": spec.input_name,
-            "output_name": spec.output.name,
-            "intra_op_threads": target.intra_op_threads,
-            "fixed_batch": interface.fixed_batch,
-        }
-        if target.detector_engine == "python_openvino":
-            # The OpenVINO runner converts uint8 pixels itself (PrePostProcessor), with the spec's scaling.
-            settings.update(runtime="openvino", device=target.device, uint8_input=fuses_input(spec, target),
-                            input_spec=asdict(spec.input), inference_precision="f32")
-        config = _python_model(name, settings, max_batch_size=max_batch_size, target=target, kind="KIND_CPU",
-                               count=target.detector_instances, inputs=inputs, outputs=outputs, warmup=warmup)
+        config = _python_model(name, detector_settings(spec, target, interface.fixed_batch), max_batch_size=max_batch_size,
+                               target=target, kind="KIND_CPU", count=target.detector_instances, inputs=inputs,
+                               outputs=outputs, warmup=warmup)
         if interface.fixed_batch == 1:
             # The graph runs image by image anyway; a batch of requests would all answer when its last
             # image is done, which only adds tail latency. One request per execute().
@@ -132,35 +120,38 @@ def pipeline_configs(spec: PipelineSpec, target: TargetProfile, interface: Model
     native_detector = not target.python_detector
     detector_max_batch = min(max_batch, fixed) if (native_detector and fixed) else max_batch
     ensemble_max_batch = detector_max_batch
-    model_out = interface.outputs[spec.output.name]
     preprocess_kind = "KIND_GPU" if target.on_gpu else "KIND_CPU"
-    emitted = transport_spec(spec.input) if fuses_input(spec, target) else spec.input
+    preprocess_step = preprocess_settings(spec, target)
+    postprocess_step = postprocess_settings(spec)
+    raw_outputs = T.raw_outputs(postprocess_step.roles)
+    model_outputs = _model_outputs(spec, interface)
 
     preprocess = _python_model(
         f"{spec.name}_preprocess",
-        {"input": asdict(emitted), "limits": asdict(spec.limits)},
+        preprocess_step,
         max_batch_size=max_batch, target=target, kind=preprocess_kind, count=target.preprocess_instances,
         inputs=(TensorConfig(T.IMAGE, "BYTES", (1,)),),
-        outputs=(TensorConfig(T.PREPROCESSED, emitted.dtype, spec.input_shape),
+        outputs=(TensorConfig(T.PREPROCESSED, preprocess_step.input.dtype, spec.input_shape),
                  TensorConfig(T.TRANSFORM, "float32", (TRANSFORM_WIDTH,))),
     )
     detector = _detector(spec, target, interface, detector_max_batch)
     postprocess = _python_model(
         f"{spec.name}_postprocess",
-        {"format": spec.output.format, "classes": list(spec.classes), "thresholds": asdict(spec.thresholds)},
+        postprocess_step,
         max_batch_size=max_batch, target=target, kind="KIND_CPU", count=target.postprocess_instances,
-        inputs=(TensorConfig(T.RAW_OUTPUT, model_out.dtype, model_out.shape[1:]),
-                TensorConfig(T.TRANSFORM, "float32", (TRANSFORM_WIDTH,))),
+        inputs=tuple(TensorConfig(raw, out.data_type, out.dims) for out, raw in zip(model_outputs, raw_outputs))
+        + (TensorConfig(T.TRANSFORM, "float32", (TRANSFORM_WIDTH,)),),
         outputs=_detection_tensors(edge=True),
     )
     router = _python_model(
         f"{spec.name}_router",
-        asdict(spec.router),
+        spec.router,
         max_batch_size=max_batch, target=target, kind="KIND_CPU", count=target.router_instances,
         inputs=(TensorConfig(T.IMAGE, "BYTES", (1,)),) + _detection_tensors(edge=True),
         outputs=_detection_tensors(edge=False) + (TensorConfig(T.SOURCE, "BYTES", (1,)), TensorConfig(T.DEGRADED, "BOOL", (1,))),
     )
     edge_map = {name: name for name in T.EDGE_TO_FINAL}
+    raw_map = {raw: raw for raw in raw_outputs}
     ensemble = ModelConfig(
         name=spec.name,
         platform="ensemble",
@@ -169,8 +160,8 @@ def pipeline_configs(spec: PipelineSpec, target: TargetProfile, interface: Model
         outputs=router.outputs,
         ensemble_steps=(
             EnsembleStep(preprocess.name, {T.IMAGE: T.IMAGE}, {T.PREPROCESSED: T.PREPROCESSED, T.TRANSFORM: T.TRANSFORM}),
-            EnsembleStep(detector.name, {spec.input_name: T.PREPROCESSED}, {spec.output.name: T.RAW_OUTPUT}),
-            EnsembleStep(postprocess.name, {T.RAW_OUTPUT: T.RAW_OUTPUT, T.TRANSFORM: T.TRANSFORM}, edge_map),
+            EnsembleStep(detector.name, {spec.input_name: T.PREPROCESSED}, dict(zip(spec.output.names, raw_outputs))),
+            EnsembleStep(postprocess.name, {**raw_map, T.TRANSFORM: T.TRANSFORM}, edge_map),
             EnsembleStep(router.name, {T.IMAGE: T.IMAGE, **edge_map},
                          {name: name for name in (*T.DETECTION_OUTPUTS, T.SOURCE, T.DEGRADED)}),
         ),

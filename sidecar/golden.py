@@ -2,8 +2,9 @@
 
 make_golden_set runs the source FP32 ONNX model in process with ONNX Runtime and exactly the functions the
 server runs (backends.preprocess.image_ops decode_image + prepare_input, backends.postprocess.pipeline
-postprocess_image), with the settings of a spec file or of the `<name>.pipeline.json` the repository was
-rendered with (its model_sha256 must still match the source model). The detections become the bundle's
+postprocess_image), with the settings (backends.common.settings.PipelineSettings) the builder derives from a
+spec file, or those recorded in the `<name>.pipeline.json` the repository was rendered with (its model_sha256
+must still match the source model). The detections become the bundle's
 expected_outputs; `golden` records what produced them (model sha256, runtime, settings, image names).
 
 judge refuses a set the gate could not fail on, e.g. images on which FP32 finds nothing confident: a model
@@ -23,6 +24,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from backends.common import files
 from backends.common.files import IMAGE_SUFFIXES, sha256_file
+from backends.common.settings import PipelineSettings
+from backends.errors import SettingsError
 from sidecar.bundle_types import ExpectedOutput
 from sidecar.errors import GoldenSetError
 
@@ -82,39 +85,24 @@ class Reference:
     """The FP32 source model and the pipeline settings the golden set is made with."""
 
     model_path: Path
-    input_name: str
-    output_name: str
-    output_format: str
-    input: dict[str, Any]  # backends.preprocess.image_ops.InputSpec fields
-    limits: dict[str, Any]  # DecodeLimits fields
-    class_names: tuple[str, ...]
-    thresholds: dict[str, Any]  # score, iou, max_detections, class_agnostic
+    pipeline: PipelineSettings
     settings: str  # where the settings come from, for the record
-
-    @classmethod
-    def from_spec_dict(cls, spec: Mapping[str, Any], settings: str) -> "Reference":
-        """From PipelineSpec.to_dict() (a spec file loaded, or the `spec` of a .pipeline.json)."""
-        try:
-            return cls(Path(spec["model_path"]), spec["input_name"], spec["output"]["name"], spec["output"]["format"],
-                       dict(spec["input"]), dict(spec["limits"]), tuple(spec["classes"]), dict(spec["thresholds"]),
-                       settings)
-        except (KeyError, TypeError) as exc:
-            raise GoldenSetError(f"{settings}: not a pipeline spec record ({exc!r})") from exc
 
     @property
     def score_threshold(self) -> float:
-        return float(self.thresholds["score"])
+        return self.pipeline.postprocess.thresholds.score
 
 
 def reference_from_spec(path: Path) -> Reference:
     from builder.errors import SpecError
+    from builder.settings import pipeline_settings
     from builder.spec import load_spec
 
     try:
         spec = load_spec(path)
     except SpecError as exc:
         raise GoldenSetError(f"golden spec {path}: {exc}") from exc
-    return Reference.from_spec_dict(spec.to_dict(), f"spec {path}")
+    return Reference(spec.model_path, pipeline_settings(spec), f"spec {path}")
 
 
 def reference_from_repository(repository: Path, detector_model: str | None = None, *,
@@ -136,7 +124,14 @@ def reference_from_repository(repository: Path, detector_model: str | None = Non
         raise GoldenSetError(f"{found} *{PIPELINE_SUFFIX}{for_model} in {repository}: give the spec of the "
                              "reference (--golden-spec / --spec)")
     (path, record), = records.items()
-    reference = Reference.from_spec_dict(record.get("spec", {}), f"repository {path}")
+    try:
+        reference = Reference(Path(record["spec"]["model_path"]), PipelineSettings.from_dict(record["settings"], path.name),
+                              f"repository {path}")
+    except (KeyError, TypeError) as exc:
+        raise GoldenSetError(f"{path} has no {exc} record: rendered by an older edgestack; render again, or give "
+                             "--golden-spec") from exc
+    except SettingsError as exc:
+        raise GoldenSetError(f"{path}: {exc}") from exc
     if not check_model:
         return reference
     if not reference.model_path.is_file():
@@ -170,25 +165,22 @@ def run_reference(reference: Reference, images: Sequence[Path]) -> list[Expected
 
     from backends.detector.onnx_runner import make_session
     from backends.postprocess.pipeline import postprocess_image
-    from backends.preprocess.image_ops import DecodeLimits, InputSpec, decode_image, prepare_input
+    from backends.preprocess.image_ops import decode_image, prepare_input
 
     try:
-        spec = InputSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in reference.input.items()})
-        limits = DecodeLimits(**reference.limits)
         session = make_session(str(reference.model_path), intra_op_threads=2)
-    except Exception as exc:  # ValueError of the settings, onnxruntime's load errors
+    except Exception as exc:  # onnxruntime's load errors
         raise GoldenSetError(f"reference model {reference.model_path} ({reference.settings}): {exc}") from exc
-    options = dict(num_classes=len(reference.class_names), score_threshold=reference.score_threshold,
-                   iou_threshold=float(reference.thresholds["iou"]),
-                   max_detections=int(reference.thresholds["max_detections"]),
-                   class_agnostic=bool(reference.thresholds.get("class_agnostic", False)))
+    pipeline = reference.pipeline
+    preprocess, postprocess = pipeline.preprocess, pipeline.postprocess
     out = []
     for path in images:
         data = Path(path).read_bytes()
         try:
-            tensor, transform = prepare_input(decode_image(data, limits), spec)
-            raw = session.run([reference.output_name], {reference.input_name: np.ascontiguousarray(tensor[None])})[0]
-            boxes, scores, class_ids = postprocess_image(raw[0], reference.output_format, transform, **options)
+            tensor, transform = prepare_input(decode_image(data, preprocess.limits), preprocess.input)
+            outputs = session.run(list(pipeline.output_names), {pipeline.input_name: np.ascontiguousarray(tensor[None])})
+            boxes, scores, class_ids = postprocess_image([o[0] for o in outputs], postprocess.format, transform,
+                                                         **postprocess.options())
         except Exception as exc:  # InvalidImageError, onnxruntime's errors
             raise GoldenSetError(f"golden image {path}: the reference pipeline fails on it: {exc}") from exc
         out.append(ExpectedOutput(base64.b64encode(data).decode("ascii"), [[round(float(v), 3) for v in b] for b in boxes],

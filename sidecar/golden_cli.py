@@ -77,7 +77,7 @@ def bundle_expected(args: argparse.Namespace, json_file) -> tuple[list[dict[str,
     if args.golden_images:
         reference = _reference(args.golden_spec, repository, detector)
         made = make_golden_set(reference, args.golden_images, _criteria(args))
-        _print_set(made, reference.class_names)
+        _print_set(made, reference.pipeline.postprocess.classes)
         return made["expected_outputs"], made["golden"]
     if not args.expected_outputs:
         return [], None
@@ -107,7 +107,7 @@ def cmd_bundle_golden(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(made, indent=1, sort_keys=True) + "\n", encoding="utf-8")
-    _print_set(made, reference.class_names)
+    _print_set(made, reference.pipeline.postprocess.classes)
     print(f"written to {out} ({out.stat().st_size:,} bytes): bundle create --expected-outputs {out}")
     return 0
 

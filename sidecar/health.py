@@ -4,7 +4,8 @@ Gate (candidate detector version loaded beside the previous one; the ensemble st
   1. warm-up      a few requests straight to the candidate version must succeed
   2. outputs      each expected image of the bundle goes through the SAME preprocess function the ensemble
                   runs (backends.preprocess.image_ops, settings from the repository's preprocess config),
-                  the candidate version, and the same postprocess (backends.postprocess.pipeline); every
+                  the candidate version (all its outputs), and the same postprocess (backends.postprocess.pipeline,
+                  settings from the repository's postprocess config); every
                   expected detection must be found with the same class, IoU >= iou_min and a score within
                   score_tolerance (detections within score_tolerance of the score threshold may come or go)
                   all images are checked: one HealthGateError lists every mismatch, by image index and name
@@ -18,13 +19,15 @@ the stage's bounds. Every failed check raises HealthGateError saying which and b
 from __future__ import annotations
 
 import base64
-import json
 import time
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from backends.common import tensors as T
+from backends.common.settings import PostprocessSettings, PreprocessSettings
+from backends.errors import SettingsError
 from sidecar.bundle_types import ExpectedOutput
 from sidecar.errors import HealthGateError, SidecarError, TritonControlError
 from sidecar.latency import check_latency
@@ -65,20 +68,13 @@ def stage_thresholds(stage: str | StageThresholds) -> StageThresholds:
 
 # --- the pipeline's own functions, in process -----------------------------------------------------------
 
-def _settings(config: dict[str, Any], model: str) -> dict[str, Any]:
-    raw = config.get("parameters", {}).get("config", {}).get("string_value")
-    if raw is None:
-        raise HealthGateError(f"{model} has no 'config' parameter: cannot reproduce its step in the gate")
-    return json.loads(raw)
-
-
 class PipelineSteps:
-    """preprocess(image bytes) -> (batch of 1, transform) and postprocess(raw, transform) -> detections, with
-    the settings of the ensemble's preprocess and postprocess steps as rendered in the repository."""
+    """preprocess(image bytes) -> (batch of 1, transform) and postprocess(detector outputs, transform) ->
+    detections, with the settings of the ensemble's preprocess and postprocess steps as rendered in the
+    repository. The detector outputs are TritonControl.infer_detector's (config order); postprocess hands them
+    to the format in the order of its roles, as the ensemble wires them."""
 
     def __init__(self, control: TritonControl):
-        from backends.preprocess.image_ops import DecodeLimits, InputSpec
-
         ensemble = control.disk_config(control.ensemble_model)
         steps = ensemble.get("ensemble_scheduling", {}).get("step", [])
         detector = next((s for s in steps if s["model_name"] == control.detector_model), None)
@@ -89,16 +85,24 @@ class PipelineSteps:
         post = next((s["model_name"] for s in steps if reads & set(s["input_map"].values())), None)
         if pre is None or post is None:
             raise HealthGateError(f"cannot find the steps around {control.detector_model} in {control.ensemble_model}")
-        pre_settings = _settings(control.disk_config(pre), pre)
-        post_settings = _settings(control.disk_config(post), post)
-        self.spec = InputSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in pre_settings["input"].items()})
-        self.limits = DecodeLimits(**pre_settings["limits"])
-        self.format = post_settings["format"]
-        thresholds = post_settings["thresholds"]
-        self.score_threshold = float(thresholds["score"])
-        self.options = dict(num_classes=len(post_settings["classes"]), score_threshold=self.score_threshold,
-                            iou_threshold=float(thresholds["iou"]), max_detections=int(thresholds["max_detections"]),
-                            class_agnostic=bool(thresholds.get("class_agnostic", False)))
+        try:
+            preprocess = PreprocessSettings.from_model_config(control.disk_config(pre), pre)
+            self.postprocess_settings = PostprocessSettings.from_model_config(control.disk_config(post), post)
+        except SettingsError as exc:
+            raise HealthGateError(f"cannot reproduce the steps around {control.detector_model} in the gate: {exc}") from exc
+        self.spec, self.limits = preprocess.input, preprocess.limits
+        self.score_threshold = self.postprocess_settings.thresholds.score
+        self.output_order = self._output_order(control, detector)
+
+    def _output_order(self, control: TritonControl, detector_step: dict[str, Any]) -> list[int]:
+        """For each role of the format, the index in the detector's config outputs of the tensor feeding it."""
+        to_model = {tensor: model_output for model_output, tensor in detector_step["output_map"].items()}
+        config_outputs = [o["name"] for o in control.disk_config(control.detector_model).get("output", [])]
+        raw = T.raw_outputs(self.postprocess_settings.roles)
+        if any(to_model.get(tensor) not in config_outputs for tensor in raw):
+            raise HealthGateError(f"{control.ensemble_model} does not feed {', '.join(raw)} from outputs of "
+                                  f"{control.detector_model} ({', '.join(config_outputs)})")
+        return [config_outputs.index(to_model[tensor]) for tensor in raw]
 
     def preprocess(self, image: bytes):
         from backends.preprocess.image_ops import decode_image, prepare_input
@@ -106,10 +110,12 @@ class PipelineSteps:
         tensor, transform = prepare_input(decode_image(image, self.limits), self.spec)
         return tensor[np.newaxis], transform
 
-    def postprocess(self, raw: np.ndarray, transform) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def postprocess(self, outputs: Sequence[np.ndarray], transform) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         from backends.postprocess.pipeline import postprocess_image
 
-        return postprocess_image(raw[0], self.format, transform, **self.options)
+        settings = self.postprocess_settings
+        return postprocess_image([outputs[i][0] for i in self.output_order], settings.format, transform,
+                                 **settings.options())
 
 
 # --- comparisons ----------------------------------------------------------------------------------------

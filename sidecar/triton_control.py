@@ -218,28 +218,29 @@ class TritonControl:
 
     # --- inference --------------------------------------------------------------------------------------
 
-    def detector_io(self) -> tuple[str, str, str]:
-        """(input name, input Triton dtype without TYPE_, output name) of the detector."""
+    def detector_io(self) -> tuple[str, str, list[str]]:
+        """(input name, input Triton dtype without TYPE_, output names in config order) of the detector."""
         config = self.disk_config(self.detector_model)
         if len(config.get("input", [])) != 1 or not config.get("output"):
             raise TritonControlError(f"{self.detector_model} must have one input and an output for the health gate")
         tensor = config["input"][0]
-        return tensor["name"], tensor["data_type"].removeprefix("TYPE_"), config["output"][0]["name"]
+        return tensor["name"], tensor["data_type"].removeprefix("TYPE_"), [o["name"] for o in config["output"]]
 
-    def infer_detector(self, version: int, tensor: np.ndarray) -> np.ndarray:
-        """Run one batch (leading batch dimension) on one detector version; its first output."""
+    def infer_detector(self, version: int, tensor: np.ndarray) -> list[np.ndarray]:
+        """Run one batch (leading batch dimension) on one detector version; every output, in config order."""
         import tritonclient.http as http
 
-        input_name, dtype, output_name = self.detector_io()
+        input_name, dtype, output_names = self.detector_io()
         request = http.InferInput(input_name, list(tensor.shape), dtype)
         request.set_data_from_numpy(np.ascontiguousarray(tensor), binary_data=True)
-        outputs = [http.InferRequestedOutput(output_name, binary_data=True)]
+        outputs = [http.InferRequestedOutput(name, binary_data=True) for name in output_names]
         result = self._call(f"infer {self.detector_model} v{version}", lambda c: c.infer(
             self.detector_model, [request], model_version=str(version), outputs=outputs))
-        array = result.as_numpy(output_name)
-        if array is None:
-            raise TritonControlError(f"{self.detector_model} v{version} returned no {output_name}")
-        return array
+        arrays = [result.as_numpy(name) for name in output_names]
+        missing = [name for name, array in zip(output_names, arrays) if array is None]
+        if missing:
+            raise TritonControlError(f"{self.detector_model} v{version} returned no {', '.join(missing)}")
+        return arrays
 
     def close(self) -> None:
         client = getattr(self._local, "client", None)

@@ -5,7 +5,7 @@ CONFIG_PARAMETER = "config"  # the model-config parameter holding each Python mo
 IMAGE = "IMAGE"
 PREPROCESSED = "PREPROCESSED"
 TRANSFORM = "TRANSFORM"
-RAW_OUTPUT = "RAW_OUTPUT"
+RAW_OUTPUT = "RAW_OUTPUT"  # detector -> postprocess, the one output of a one-output format; see raw_outputs
 
 # postprocess -> router
 EDGE_BOXES = "EDGE_BOXES"
@@ -31,3 +31,11 @@ EDGE_TO_FINAL = {
     EDGE_CLASS_NAMES: CLASS_NAMES,
     EDGE_NUM_DETECTIONS: NUM_DETECTIONS,
 }
+
+
+def raw_outputs(roles: tuple[str, ...]) -> tuple[str, ...]:
+    """The ensemble tensors carrying the detector's outputs to postprocess, one per role of the output format
+    (formats.OutputFormat.outputs): RAW_OUTPUT for a one-output format, RAW_OUTPUT_<ROLE> for each of several."""
+    if len(roles) == 1:
+        return (RAW_OUTPUT,)
+    return tuple(f"{RAW_OUTPUT}_{role.upper()}" for role in roles)

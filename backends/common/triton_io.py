@@ -1,24 +1,22 @@
 """Small helpers the Python-backend model.py files share. Imported only inside Triton's stub."""
 from __future__ import annotations
 
-import json
 import traceback
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from backends.common.tensors import CONFIG_PARAMETER
+from backends.common.settings import JsonSettings
 from backends.errors import BackendError, CloudUnavailableError
 
+S = TypeVar("S", bound=JsonSettings)
 
-def model_settings(args: dict) -> dict[str, Any]:
-    """The JSON settings the builder put in the model's `config` parameter."""
-    model_config = json.loads(args["model_config"])
-    raw = model_config.get("parameters", {}).get(CONFIG_PARAMETER, {}).get("string_value")
-    if raw is None:
-        raise pb_utils.TritonModelException(f"model {args['model_name']} has no '{CONFIG_PARAMETER}' parameter; re-render the repository")
-    return json.loads(raw)
+
+def model_settings(args: dict, settings_class: type[S]) -> S:
+    """The settings the builder put in the model's `config` parameter (backends.common.settings); a
+    SettingsError, which fails the model's load, when they are missing or invalid."""
+    return settings_class.from_model_config(args["model_config"], args["model_name"])
 
 
 def error_response(exc: Exception) -> "pb_utils.InferenceResponse":

@@ -1,9 +1,12 @@
 """ONNX Runtime on CPU with explicit thread settings, batching around graphs with a fixed batch."""
 from __future__ import annotations
 
+from typing import Sequence, Union
+
 import numpy as np
 import onnxruntime as ort
 
+from backends.detector.runners import concatenate_outputs, output_name_list, single_output
 from backends.errors import InvalidTensorError
 
 
@@ -17,12 +20,15 @@ def make_session(model_path: str, intra_op_threads: int, inter_op_threads: int =
 
 
 class OnnxDetector:
-    """Runs one output of a model on batches; a graph fixed at batch 1 is run image by image."""
+    """Runs the named outputs of a model on batches; a graph fixed at batch 1 is run image by image.
 
-    def __init__(self, session: ort.InferenceSession, input_name: str, output_name: str, fixed_batch: int | None):
+    run_outputs(batch) gives every named output; run(batch) the output of a runner with one."""
+
+    def __init__(self, session: ort.InferenceSession, input_name: str, output_names: Union[str, Sequence[str]],
+                 fixed_batch: int | None):
         self.session = session
         self.input_name = input_name
-        self.output_name = output_name
+        self.output_names = output_name_list(output_names)
         self.fixed_batch = fixed_batch
         model_input = next(i for i in session.get_inputs() if i.name == input_name)
         self.item_shape = tuple(d if isinstance(d, int) else -1 for d in model_input.shape[1:])
@@ -32,19 +38,24 @@ class OnnxDetector:
         if len(shape) != len(self.item_shape) or any(e not in (-1, a) for e, a in zip(self.item_shape, shape)):
             raise InvalidTensorError(f"detector input has shape {batch.shape}; the model needs [N, {self.item_shape}]")
 
-    def run(self, batch: np.ndarray) -> np.ndarray:
+    def run_outputs(self, batch: np.ndarray) -> list[np.ndarray]:
+        """Every named output for the batch, in output_names order."""
         self._check(batch)
         if self.fixed_batch is None:
-            return self.session.run([self.output_name], {self.input_name: batch})[0]
+            return self.session.run(self.output_names, {self.input_name: batch})
         step = self.fixed_batch
         if len(batch) % step:
             raise InvalidTensorError(f"batch of {len(batch)} is not a multiple of the model's fixed batch {step}")
-        parts = [self.session.run([self.output_name], {self.input_name: batch[i:i + step]})[0] for i in range(0, len(batch), step)]
-        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+        parts = [self.session.run(self.output_names, {self.input_name: batch[i:i + step]}) for i in range(0, len(batch), step)]
+        return concatenate_outputs(parts)
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        return single_output(self.run_outputs(batch), self.output_names)
 
 
-def run_requests(run, batches: list) -> list:
-    """Outputs (or the exception) per request: one combined run, or one run each if that fails.
+def run_requests(run_outputs, batches: list) -> list:
+    """Outputs (a list of arrays, as run_outputs gives them, or the exception) per request: one combined run,
+    or one run each if that fails.
 
     Items of `batches` that are already exceptions pass through, so one bad request never fails the others.
     """
@@ -54,14 +65,14 @@ def run_requests(run, batches: list) -> list:
         return results
     try:
         arrays = [batches[i] for i in good]
-        combined = run(np.concatenate(arrays) if len(arrays) > 1 else arrays[0])
+        combined = run_outputs(np.concatenate(arrays) if len(arrays) > 1 else arrays[0])
         offsets = np.cumsum([0] + [len(a) for a in arrays])
         for n, i in enumerate(good):
-            results[i] = combined[offsets[n]:offsets[n + 1]]
+            results[i] = [output[offsets[n]:offsets[n + 1]] for output in combined]
     except Exception:  # noqa: BLE001 - isolate the request that broke the combined run
         for i in good:
             try:
-                results[i] = run(batches[i])
+                results[i] = run_outputs(batches[i])
             except Exception as exc:  # noqa: BLE001
                 results[i] = exc
     return results

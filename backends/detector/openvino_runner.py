@@ -7,11 +7,12 @@ builder/input_fusion.py for ONNX Runtime.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import openvino as ov
 
+from backends.detector.runners import concatenate_outputs, output_name_list, single_output
 from backends.errors import InvalidTensorError
 
 DEVICES = ("CPU", "AUTO")
@@ -86,9 +87,9 @@ def add_uint8_input(model: "ov.Model", input_name: str, input_spec: Any = None) 
 
 
 class OpenVinoDetector:
-    """Runs one output of an OpenVINO model on batches; a graph fixed at batch 1 is run image by image."""
+    """Runs the named outputs of an OpenVINO model on batches; a graph fixed at batch 1 is run image by image."""
 
-    def __init__(self, model_xml: str, input_name: str, output_name: str, threads: int, device: str = "CPU",
+    def __init__(self, model_xml: str, input_name: str, output_names: str | Sequence[str], threads: int, device: str = "CPU",
                  uint8_input: bool = False, input_spec: Any = None, pin_threads: bool = False,
                  inference_precision: str = "f32"):
         if device not in DEVICES:
@@ -98,12 +99,12 @@ class OpenVinoDetector:
         if uint8_input:
             model = add_uint8_input(model, input_name, input_spec)
         self.input_name = input_name
-        self.output_name = output_name
+        self.output_names = output_name_list(output_names)
         self.uint8_input = uint8_input
         self.compiled = self.core.compile_model(model, device, compile_config(device, threads, pin_threads, inference_precision))
         self.request = self.compiled.create_infer_request()
         self.input_port = self.compiled.input(input_name)
-        self.output_port = self.compiled.output(output_name)
+        self.output_ports = [self.compiled.output(name) for name in self.output_names]
         shape = self.input_port.get_partial_shape()
         self.item_shape = tuple(d.get_length() if d.is_static else -1 for d in list(shape)[1:])
         batch = shape[0]
@@ -117,16 +118,19 @@ class OpenVinoDetector:
         if batch.ndim < 1 or len(shape) != len(self.item_shape) or any(e not in (-1, a) for e, a in zip(self.item_shape, shape)):
             raise InvalidTensorError(f"detector input has shape {batch.shape}; the model needs [N, {self.item_shape}]")
 
-    def _infer(self, batch: np.ndarray) -> np.ndarray:
+    def _infer(self, batch: np.ndarray) -> list[np.ndarray]:
         self.request.infer({self.input_port: np.ascontiguousarray(batch, dtype=self.dtype)}, share_inputs=True)
-        return self.request.get_tensor(self.output_port).data.copy()
+        return [self.request.get_tensor(port).data.copy() for port in self.output_ports]
 
-    def run(self, batch: np.ndarray) -> np.ndarray:
+    def run_outputs(self, batch: np.ndarray) -> list[np.ndarray]:
+        """Every named output for the batch, in output_names order."""
         self._check(batch)
         if self.fixed_batch is None:
             return self._infer(batch)
         step = self.fixed_batch
         if len(batch) % step:
             raise InvalidTensorError(f"batch of {len(batch)} is not a multiple of the model's fixed batch {step}")
-        parts = [self._infer(batch[i:i + step]) for i in range(0, len(batch), step)]
-        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+        return concatenate_outputs([self._infer(batch[i:i + step]) for i in range(0, len(batch), step)])
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        return single_output(self.run_outputs(batch), self.output_names)

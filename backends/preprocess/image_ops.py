@@ -5,14 +5,13 @@ Plain functions (no Triton imports); model.py maps InvalidImageError to a per-re
 from __future__ import annotations
 
 import io
-import math
-from dataclasses import dataclass
 
 import cv2
 import numpy as np
 from PIL import Image, ImageOps
 
-from backends.common.geometry import RESIZE_MODES, Transform, compute_transform
+from backends.common.geometry import Transform, compute_transform
+from backends.common.settings import DecodeLimits, InputSpec
 from backends.errors import InvalidImageError, InvalidTensorError
 
 FORMATS = ("JPEG", "PNG", "BMP", "GIF", "TIFF", "WEBP")  # no EPS/PDF/...: smaller attack surface
@@ -21,72 +20,6 @@ _WIDE_GRAY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 # DecodeLimits.max_pixels is enforced on the header before any pixel is decoded, so Pillow's own
 # process-wide bomb check is turned off: it would otherwise fire first with an unclear message.
 Image.MAX_IMAGE_PIXELS = None
-
-
-@dataclass(frozen=True)
-class DecodeLimits:
-    max_bytes: int = 32 * 2**20
-    max_pixels: int = 40_000_000
-    max_side: int = 8192
-    min_side: int = 16
-
-    def __post_init__(self) -> None:
-        for name in ("max_bytes", "max_pixels", "max_side", "min_side"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"DecodeLimits.{name} must be a positive integer, got {value!r}")
-        if self.min_side > self.max_side:
-            raise ValueError(f"DecodeLimits.min_side {self.min_side} is over max_side {self.max_side}")
-
-
-@dataclass(frozen=True)
-class InputSpec:
-    """Model input format. Each channel (in channel_order) becomes (pixel * scale - mean) / std."""
-
-    height: int
-    width: int
-    layout: str = "NHWC"
-    channel_order: str = "RGB"
-    dtype: str = "float32"
-    resize: str = "stretch"
-    pad_value: int = 114
-    scale: float = 1.0
-    mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
-    std: tuple[float, float, float] = (1.0, 1.0, 1.0)
-
-    def __post_init__(self) -> None:
-        for name in ("height", "width"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"InputSpec.{name} must be a positive integer, got {value!r}")
-        for name, allowed in (
-            ("layout", ("NHWC", "NCHW")),
-            ("channel_order", ("RGB", "BGR")),
-            ("dtype", ("float32", "float16", "uint8")),
-            ("resize", RESIZE_MODES),
-        ):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"InputSpec.{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        if isinstance(self.pad_value, bool) or not isinstance(self.pad_value, int) or not 0 <= self.pad_value <= 255:
-            raise ValueError(f"InputSpec.pad_value must be an integer in 0..255, got {self.pad_value!r}")
-        if not (isinstance(self.scale, (int, float)) and math.isfinite(self.scale) and self.scale > 0):
-            raise ValueError(f"InputSpec.scale must be a positive finite number, got {self.scale!r}")
-        for name in ("mean", "std"):
-            values = tuple(getattr(self, name))
-            if len(values) != 3 or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
-                raise ValueError(f"InputSpec.{name} must be 3 finite numbers, got {getattr(self, name)!r}")
-            object.__setattr__(self, name, tuple(float(v) for v in values))
-        if min(self.std) <= 0:
-            raise ValueError(f"InputSpec.std must be positive, got {self.std!r}")
-        if self.dtype == "uint8" and self.affine() is not None:
-            raise ValueError("InputSpec with dtype uint8 needs scale=1, mean=(0, 0, 0) and std=(1, 1, 1)")
-
-    def affine(self) -> tuple[np.ndarray, np.ndarray] | None:
-        """Per-channel float64 (a, b) with value = pixel * a - b; None when the values are the pixels."""
-        if self.scale == 1 and self.mean == (0.0, 0.0, 0.0) and self.std == (1.0, 1.0, 1.0):
-            return None
-        std = np.array(self.std)
-        return self.scale / std, np.array(self.mean) / std
 
 
 def _check_size(width: int, height: int, limits: DecodeLimits) -> None:

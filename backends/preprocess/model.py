@@ -12,16 +12,17 @@ import numpy as np  # noqa: E402
 import triton_python_backend_utils as pb_utils  # noqa: E402
 
 from backends.common import tensors as T  # noqa: E402
+from backends.common.settings import PreprocessSettings  # noqa: E402
 from backends.common.triton_io import input_array, model_settings, respond_each  # noqa: E402
 from backends.errors import InvalidImageError  # noqa: E402
-from backends.preprocess.image_ops import DecodeLimits, InputSpec, decode_image, prepare_input  # noqa: E402
+from backends.preprocess.image_ops import decode_image, prepare_input  # noqa: E402
 
 
 class TritonPythonModel:
     def initialize(self, args):
-        settings = model_settings(args)
-        self.spec = InputSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in settings["input"].items()})
-        self.limits = DecodeLimits(**settings["limits"])
+        settings = model_settings(args, PreprocessSettings)
+        self.spec = settings.input
+        self.limits = settings.limits
         self.on_gpu = args.get("model_instance_kind") == "GPU"
         self.device_id = int(args.get("model_instance_device_id", 0))
         if self.on_gpu:

@@ -12,6 +12,7 @@ import triton_python_backend_utils as pb_utils  # noqa: E402
 
 from backends.common import tensors as T  # noqa: E402
 from backends.common.detections import pack, unpack  # noqa: E402
+from backends.common.settings import RouterSettings  # noqa: E402
 from backends.common.triton_io import input_array, model_settings, output, respond_each  # noqa: E402
 from backends.router.breaker import CircuitBreaker  # noqa: E402
 from backends.router.routing import Router  # noqa: E402
@@ -21,16 +22,16 @@ EDGE_INPUTS = (T.EDGE_BOXES, T.EDGE_SCORES, T.EDGE_CLASS_IDS, T.EDGE_CLASS_NAMES
 
 class TritonPythonModel:
     def initialize(self, args):
-        settings = model_settings(args)
+        settings = model_settings(args, RouterSettings)
         self.logger = pb_utils.Logger
         cloud_call, breaker = None, None
-        if settings.get("cloud_url"):
+        if settings.cloud_url:
             from backends.router.cloud import CloudDetector
 
-            cloud_call = CloudDetector(settings["cloud_url"], settings["cloud_model"], settings["deadline_ms"] / 1000.0)
-            breaker = CircuitBreaker(int(settings["failure_threshold"]), float(settings["cooldown_s"]))
+            cloud_call = CloudDetector(settings.cloud_url, settings.cloud_model, settings.deadline_ms / 1000.0)
+            breaker = CircuitBreaker(settings.failure_threshold, float(settings.cooldown_s))
         self.cloud = cloud_call
-        self.router = Router(float(settings["min_confidence"]), cloud_call, breaker)
+        self.router = Router(float(settings.min_confidence), cloud_call, breaker)
 
     def _handle(self, request):
         images = [bytes(x) for x in input_array(request, T.IMAGE).reshape(-1)]

@@ -1,7 +1,8 @@
 """Measure a model variant: its detections, fidelity to FP32, true mAP, latency, throughput and size.
 
 Detections come from exactly the functions the server runs (decode_image, prepare_input, the variant's
-raw output, postprocess_image), so what is measured here is what the ensemble would answer.
+raw outputs, postprocess_image) with the settings the builder derives from the spec (builder.settings), so
+what is measured here is what the ensemble would answer.
 
 Accuracy uses pycocotools' COCOeval, never a hand-written mAP:
 - fidelity_map: the candidate against the FP32 reference's own detections taken as pseudo ground truth
@@ -27,6 +28,7 @@ import numpy as np
 from backends.postprocess.pipeline import postprocess_image
 from backends.preprocess.image_ops import decode_image, prepare_input
 from builder.optimize.variants import Variant, VariantRunner
+from builder.settings import pipeline_settings
 from builder.spec import PipelineSpec
 
 MAP_SCORE_THRESHOLD = 0.05  # keep the low-score tail: AP is computed over the ranking
@@ -67,8 +69,9 @@ class ImageDetections:
 
 def prepare_image(spec: PipelineSpec, path: Path) -> tuple[np.ndarray, Any, int, int]:
     """(tensor without batch dim, Transform, width, height) of one image, as the server's preprocess makes them."""
-    rgb = decode_image(Path(path).read_bytes(), spec.limits)
-    tensor, transform = prepare_input(rgb, spec.input)
+    settings = pipeline_settings(spec).preprocess
+    rgb = decode_image(Path(path).read_bytes(), settings.limits)
+    tensor, transform = prepare_input(rgb, settings.input)
     return np.ascontiguousarray(tensor), transform, int(rgb.shape[1]), int(rgb.shape[0])
 
 
@@ -84,18 +87,13 @@ def detect_images(runner: VariantRunner, spec: PipelineSpec, images: Sequence[Pa
     score_threshold replaces the spec's (low by default, for mAP); filter with ImageDetections.above()
     to get what the server would answer.
     """
+    settings = pipeline_settings(spec).postprocess
     out = []
     for path in images:
         tensor, transform, width, height = prepare_image(spec, path)
-        raw = runner.run(tensor[None])
-        boxes, scores, class_ids = postprocess_image(
-            np.asarray(raw)[0], spec.output.format, transform,
-            num_classes=len(spec.classes),
-            score_threshold=score_threshold,
-            iou_threshold=spec.thresholds.iou,
-            max_detections=spec.thresholds.max_detections,
-            class_agnostic=spec.thresholds.class_agnostic,
-        )
+        outputs = runner.run_outputs(tensor[None])
+        boxes, scores, class_ids = postprocess_image([np.asarray(o)[0] for o in outputs], settings.format, transform,
+                                                     **settings.options(score_threshold))
         out.append(ImageDetections(boxes, scores, class_ids, width, height, Path(path).name))
     return out
 
@@ -245,19 +243,19 @@ def _batch_of_one(tensor: np.ndarray) -> np.ndarray:
 
 
 def measure_latency(runner: VariantRunner, tensors: Sequence[np.ndarray], runs: int = 50, warmup: int = 5) -> dict[str, Any]:
-    """Batch-1 latency of runner.run over `runs` calls (cycling through tensors) after `warmup` calls."""
+    """Batch-1 latency of runner.run_outputs over `runs` calls (cycling through tensors) after `warmup` calls."""
     if not tensors:
         raise ValueError("measure_latency needs at least one tensor")
     if runs < 1 or warmup < 0:
         raise ValueError(f"measure_latency needs runs >= 1 and warmup >= 0, got runs={runs}, warmup={warmup}")
     batches = [_batch_of_one(t) for t in tensors]
     for i in range(warmup):
-        runner.run(batches[i % len(batches)])
+        runner.run_outputs(batches[i % len(batches)])
     times = np.empty(runs)
     for i in range(runs):
         batch = batches[i % len(batches)]
         start = time.perf_counter()
-        runner.run(batch)
+        runner.run_outputs(batch)
         times[i] = time.perf_counter() - start
     times *= 1000.0
     return {"p50_ms": float(np.percentile(times, 50)), "p99_ms": float(np.percentile(times, 99)),
@@ -302,10 +300,10 @@ def measure_throughput(runner: VariantRunner, tensors: Sequence[np.ndarray], bat
     for size in sizes:
         batch = np.ascontiguousarray(np.concatenate([items[i % len(items)] for i in range(size)]))
         try:
-            runner.run(batch)  # warm-up; also proves the size runs at all
+            runner.run_outputs(batch)  # warm-up; also proves the size runs at all
             count, start = 0, time.perf_counter()
             while True:
-                runner.run(batch)
+                runner.run_outputs(batch)
                 count += 1
                 elapsed = time.perf_counter() - start
                 if elapsed >= seconds and count >= 2:

@@ -95,11 +95,11 @@ def make_runner(variant: Variant, spec: PipelineSpec, threads: int, fixed_batch:
     if variant.runtime == "onnxruntime":
         from backends.detector.onnx_runner import OnnxDetector, make_session
 
-        return OnnxDetector(make_session(str(variant.path), threads), spec.input_name, spec.output.name, fixed_batch)
+        return OnnxDetector(make_session(str(variant.path), threads), spec.input_name, spec.output.names, fixed_batch)
     if variant.runtime == "openvino":
         from backends.detector.openvino_runner import OpenVinoDetector
 
-        return OpenVinoDetector(str(variant.path), spec.input_name, spec.output.name, threads)
+        return OpenVinoDetector(str(variant.path), spec.input_name, spec.output.names, threads)
     raise BuilderError(f"variant {variant.name}: {variant.runtime} runs only on its GPU device; not measured here")
 
 

@@ -12,8 +12,9 @@ PRECISIONS = ("fp32", "fp16", "int8")
 
 
 class VariantRunner(Protocol):
-    def run(self, batch: np.ndarray) -> np.ndarray:
-        """The detector's raw output (the spec's output tensor) for a model-input batch [N, ...] (float32)."""
+    def run_outputs(self, batch: np.ndarray) -> list[np.ndarray]:
+        """The detector's raw outputs (the spec's output tensors, in the format's role order) for a model-input
+        batch [N, ...] (float32)."""
 
 
 @dataclass(frozen=True)

@@ -15,16 +15,24 @@ OUTPUT_NAME = "tower_0/detections"
 
 
 class Recorder:
-    """run(): doubles its input; raises for any batch holding a negative value. Records every call."""
+    """run_outputs(): two outputs, its input doubled and each row's sum; raises for any batch holding a negative
+    value. Records every call."""
 
     def __init__(self):
         self.calls: list[np.ndarray] = []
 
-    def __call__(self, batch: np.ndarray) -> np.ndarray:
+    def __call__(self, batch: np.ndarray) -> list[np.ndarray]:
         self.calls.append(batch.copy())
         if (batch < 0).any():
             raise ValueError(f"negative input in batch of {len(batch)}")
-        return batch * 2
+        return [batch * 2, batch.sum(axis=1)]
+
+
+def assert_outputs(result: list[np.ndarray], batch: np.ndarray) -> None:
+    """result is Recorder's two outputs for batch."""
+    assert len(result) == 2
+    np.testing.assert_array_equal(result[0], batch * 2)
+    np.testing.assert_array_equal(result[1], batch.sum(axis=1))
 
 
 def rows(n: int, start: float, width: int = 3) -> np.ndarray:
@@ -42,8 +50,7 @@ def test_run_requests_combines_into_one_run_and_splits_in_order():
     assert run.calls[0].shape == (6, 3)
     assert len(results) == 3
     for batch, result in zip(batches, results):
-        assert result.shape == batch.shape
-        np.testing.assert_array_equal(result, batch * 2)
+        assert_outputs(result, batch)
 
 
 def test_run_requests_single_request():
@@ -51,7 +58,7 @@ def test_run_requests_single_request():
     batch = rows(4, 10)
     [result] = run_requests(run, [batch])
     assert len(run.calls) == 1
-    np.testing.assert_array_equal(result, batch * 2)
+    assert_outputs(result, batch)
 
 
 def test_run_requests_isolates_the_offending_request():
@@ -62,23 +69,23 @@ def test_run_requests_isolates_the_offending_request():
     results = run_requests(run, batches)
     assert isinstance(results[1], ValueError)
     assert "negative" in str(results[1])
-    np.testing.assert_array_equal(results[0], batches[0] * 2)
-    np.testing.assert_array_equal(results[2], batches[2] * 2)
+    assert_outputs(results[0], batches[0])
+    assert_outputs(results[2], batches[2])
     # one failed combined run, then one run per request
     assert [len(c) for c in run.calls] == [5, 1, 2, 2]
 
 
 def test_run_requests_isolates_a_request_that_cannot_be_concatenated():
-    def run(batch: np.ndarray) -> np.ndarray:
+    def run(batch: np.ndarray) -> list[np.ndarray]:
         if batch.shape[1:] != (3,):
             raise InvalidTensorError(f"bad shape {batch.shape}")
-        return batch + 1
+        return [batch + 1]
 
     batches = [rows(1, 0), rows(2, 10, width=5), rows(1, 20)]
     results = run_requests(run, batches)
     assert isinstance(results[1], InvalidTensorError)
-    np.testing.assert_array_equal(results[0], batches[0] + 1)
-    np.testing.assert_array_equal(results[2], batches[2] + 1)
+    np.testing.assert_array_equal(results[0][0], batches[0] + 1)
+    np.testing.assert_array_equal(results[2][0], batches[2] + 1)
 
 
 def test_run_requests_passes_existing_errors_through():
@@ -88,8 +95,8 @@ def test_run_requests_passes_existing_errors_through():
     results = run_requests(run, batches)
     assert results[1] is earlier
     assert len(run.calls) == 1 and run.calls[0].shape == (3, 3)
-    np.testing.assert_array_equal(results[0], batches[0] * 2)
-    np.testing.assert_array_equal(results[2], batches[2] * 2)
+    assert_outputs(results[0], batches[0])
+    assert_outputs(results[2], batches[2])
 
 
 def test_run_requests_all_errors_never_runs():
@@ -179,6 +186,6 @@ def test_make_session_sets_threads():
 def test_detector_with_run_requests(detector):
     good = np.zeros((1, 512, 512, 3), dtype=np.float32)
     wrong = np.zeros((1, 256, 256, 3), dtype=np.float32)
-    results = run_requests(detector.run, [good, wrong, good])
-    assert results[0].shape == (1, 100, 6) and results[2].shape == (1, 100, 6)
+    results = run_requests(detector.run_outputs, [good, wrong, good])
+    assert [r.shape for r in results[0]] == [(1, 100, 6)] and [r.shape for r in results[2]] == [(1, 100, 6)]
     assert isinstance(results[1], InvalidTensorError)

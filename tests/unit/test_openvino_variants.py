@@ -14,8 +14,10 @@ from google.protobuf import text_format
 from onnx import TensorProto, helper
 from tritonclient.grpc import model_config_pb2
 
+from backends.common.settings import DetectorSettings
 from backends.detector.onnx_runner import OnnxDetector, make_session
 from backends.detector.openvino_runner import OpenVinoDetector, add_uint8_input, compile_config
+from backends.detector.runners import make_detector
 from backends.errors import InvalidTensorError
 from backends.postprocess.pipeline import postprocess_image
 from backends.preprocess.image_ops import InputSpec, decode_image, prepare_input
@@ -409,13 +411,13 @@ def test_served_detector_settings_build_a_working_runner(intel_repo, spec):
     """What detector/model.py does with the rendered settings, outside Triton."""
     intel_spec, out = intel_repo
     config = parse((out / f"{intel_spec.name}_detector" / CONFIG_FILENAME).read_text())
-    settings = json.loads(config.parameters[steps.CONFIG_PARAMETER])
+    settings = DetectorSettings.from_json(config.parameters[steps.CONFIG_PARAMETER])
     version = out / f"{intel_spec.name}_detector" / "1"
-    runner = OpenVinoDetector(str(version / settings["model_file"]), settings["input_name"], settings["output_name"],
-                              settings["intra_op_threads"], device=settings["device"], uint8_input=settings["uint8_input"],
-                              input_spec=settings["input_spec"], inference_precision=settings["inference_precision"])
+    runner = make_detector(settings, str(version / settings.model_file))
+    assert isinstance(runner, OpenVinoDetector) and runner.uint8_input and runner.output_names == [spec.output.name]
     pixels, _ = prepare_input(decode_image((IMAGES / "horses.jpg").read_bytes(), spec.limits), transport_spec(spec.input))
-    assert runner.run(pixels[None]).shape == (1, 100, 6)
+    [detections] = runner.run_outputs(pixels[None])
+    assert detections.shape == (1, 100, 6)
 
 
 def test_variant_target_mismatch_raises_and_writes_nothing(built, spec, tmp_path):

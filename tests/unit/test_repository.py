@@ -10,6 +10,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
 from backends.common import tensors as T
+from backends.common.settings import DetectorSettings
 from builder import steps
 from builder.errors import BuilderError, SpecError
 from builder.model_inspect import DYNAMIC, inspect_onnx
@@ -221,10 +222,16 @@ def test_cpu_detector_config(spec, cpu_repo):
     assert settings == {
         "model_file": "model.onnx",
         "input_name": spec.input_name,
-        "output_name": spec.output.name,
+        "output_names": [spec.output.name],
         "intra_op_threads": 1,
         "fixed_batch": 1,
+        "runtime": "onnxruntime",
+        "device": "CPU",
+        "uint8_input": False,
+        "input_spec": None,
+        "inference_precision": "f32",
     }
+    assert DetectorSettings.from_json(detector.parameters[steps.CONFIG_PARAMETER]).output_names == (spec.output.name,)
     assert detector.max_batch_size == 8  # the Python runner splits batches for the fixed-batch graph
     assert [(g.kind, g.count) for g in detector.instance_groups] == [("KIND_CPU", 2)]
     # A fixed-batch-1 graph runs image by image: one request per execute(), no batching to wait on.

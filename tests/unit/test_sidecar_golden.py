@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from builder.settings import pipeline_settings
 from builder.spec import load_spec
 from edgestack.cli import main
 from sidecar import bundle as B
@@ -112,13 +113,18 @@ def test_repository_settings_need_the_model_it_was_rendered_from(tmp_path):
     spec = load_spec(SPEC)
     model = tmp_path / "model.onnx"
     shutil.copyfile(spec.model_path, model)
-    record = {"spec": {**spec.to_dict(), "model_path": str(model)}, "model_sha256": sha256_file(model)}
+    older = {"spec": {**spec.to_dict(), "model_path": str(model)}, "model_sha256": sha256_file(model)}
+    record = {**older, "settings": pipeline_settings(spec).to_dict()}
     repository = tmp_path / "repository"
     repository.mkdir()
     with pytest.raises(GoldenSetError, match=r"no \*\.pipeline\.json for detect_detector .*--golden-spec"):
         reference_from_repository(repository, "detect_detector")
+    (repository / "detect.pipeline.json").write_text(json.dumps(older))
+    with pytest.raises(GoldenSetError, match=r"has no 'settings' record: rendered by an older edgestack"):
+        reference_from_repository(repository, "detect_detector")
     (repository / "detect.pipeline.json").write_text(json.dumps(record))
-    assert reference_from_repository(repository, "detect_detector").model_path == model
+    reference = reference_from_repository(repository, "detect_detector")
+    assert reference.model_path == model and reference.pipeline == pipeline_settings(spec)
     with model.open("ab") as f:
         f.write(b"\0")
     with pytest.raises(GoldenSetError, match="changed since"):

@@ -11,7 +11,7 @@ import importlib
 
 from backends.postprocess.formats.base import Decoded, OutputFormat, Shape
 
-_MODULES = ("detections", "yolov8")
+_MODULES = ("detections", "yolov8", "boxes_scores")
 
 FORMATS: dict[str, OutputFormat] = {}
 
