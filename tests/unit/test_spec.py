@@ -394,3 +394,39 @@ def test_replace_revalidates():
         spec.replace(target="tpu")
     assert spec.replace(target="jetson").target == "jetson"
 
+
+
+# --- model.output: one tensor per role of the format ----------------------------------------------------
+
+
+def two_output_spec(output: dict) -> dict:
+    raw = base_spec()
+    raw["model"]["output"] = output
+    return raw
+
+
+@pytest.mark.parametrize("names", [{"scores": "s", "boxes": "b"}, ["b", "s"]])
+def test_output_names_of_a_two_output_format_in_role_order(tmp_path, names):
+    spec = load_spec(write_spec(tmp_path, two_output_spec({"format": "boxes_scores", "names": names})))
+    assert spec.output.names == ("b", "s") and spec.output.name == ""
+    assert spec.to_dict()["output"] == {"name": "", "format": "boxes_scores", "names": ("b", "s")}
+
+
+def test_output_name_of_a_one_output_format_fills_names():
+    spec = parse_spec(base_spec(), Path("/"))
+    assert spec.output.names == ("tower_0/detections",)
+    raw = two_output_spec({"format": "detections", "names": {"detections": "tower_0/detections"}})
+    assert parse_spec(raw, Path("/")).output.name == "tower_0/detections"
+
+
+@pytest.mark.parametrize("output, message", [
+    ({"format": "boxes_scores", "names": {"boxes": "b"}}, "missing: ['scores']"),
+    ({"format": "boxes_scores", "names": {"boxes": "b", "scores": "s", "logits": "l"}}, "unknown: ['logits']"),
+    ({"format": "boxes_scores", "names": ["b"]}, "must name 2 tensor(s), one per role of format 'boxes_scores'"),
+    ({"format": "boxes_scores", "names": ["b", "b"]}, "must name different tensors"),
+    ({"format": "boxes_scores", "name": "b"}, "name them with model.output.names {role: tensor}"),
+    ({"format": "detections"}, "model.output.name must name the model's output tensor"),
+    ({"format": "detections", "names": ["a", "b"]}, "must name 1 tensor(s)"),
+])
+def test_bad_output_names(tmp_path, output, message):
+    assert message in spec_error(tmp_path, two_output_spec(output))
