@@ -143,3 +143,16 @@ def test_the_gate_hands_the_outputs_to_postprocess_by_role(repo, images, control
         assert tensor.dtype == np.uint8  # the CPU detector converts the pixels itself
         outputs = served.run(config_order, {"images": tensor})  # what infer_detector returns: config order
         assert_expected(*steps.postprocess(outputs, transform), white=white)
+
+
+def test_the_openvino_runner_returns_every_output_too(spec, folder):
+    import openvino as ov
+
+    from backends.detector.openvino_runner import OpenVinoDetector
+
+    xml = folder / "boxes_scores.xml"
+    ov.save_model(ov.convert_model(str(spec.model_path)), str(xml))
+    runner = OpenVinoDetector(str(xml), "images", spec.output.names, threads=1)
+    boxes, scores = runner.run_outputs(np.stack([np.ones((64, 64, 3), np.float32), np.zeros((64, 64, 3), np.float32)]))
+    np.testing.assert_allclose(boxes[1], synthetic.BOXES)
+    assert scores[:, 2, 1] == pytest.approx([0.8, 0.2], abs=1e-3)

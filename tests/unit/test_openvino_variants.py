@@ -14,7 +14,7 @@ from google.protobuf import text_format
 from onnx import TensorProto, helper
 from tritonclient.grpc import model_config_pb2
 
-from backends.common.settings import DetectorSettings
+from backends.common.settings import DetectorSettings, PreprocessSettings
 from backends.detector.onnx_runner import OnnxDetector, make_session
 from backends.detector.openvino_runner import OpenVinoDetector, add_uint8_input, compile_config
 from backends.detector.runners import make_detector
@@ -398,13 +398,13 @@ def test_intel_configs_round_trip_and_use_uint8_transport(intel_repo):
     assert [(g.kind, g.count) for g in detector.instance_groups] == [("KIND_CPU", 2)]
     assert [t.data_type for t in detector.inputs] == ["TYPE_UINT8"]
     assert [t.data_type for t in configs.preprocess.outputs][0] == "TYPE_UINT8"
-    settings = json.loads(detector.parameters[steps.CONFIG_PARAMETER])
-    assert settings["runtime"] == "openvino" and settings["model_file"] == "model.xml"
-    assert settings["device"] == "CPU" and settings["uint8_input"] is True and settings["intra_op_threads"] == 1
-    assert settings["inference_precision"] == "f32"
-    assert settings["input_spec"]["layout"] == "NHWC" and settings["input_spec"]["scale"] == 1.0
-    preprocess = json.loads(configs.preprocess.parameters[steps.CONFIG_PARAMETER])
-    assert preprocess["input"]["dtype"] == "uint8"
+    settings = DetectorSettings.from_json(detector.parameters[steps.CONFIG_PARAMETER])
+    assert settings.runtime == "openvino" and settings.model_file == "model.xml"
+    assert settings.device == "CPU" and settings.uint8_input is True and settings.intra_op_threads == 1
+    assert settings.inference_precision == "f32"
+    assert settings.input_spec.layout == "NHWC" and settings.input_spec.scale == 1.0
+    preprocess = PreprocessSettings.from_json(configs.preprocess.parameters[steps.CONFIG_PARAMETER])
+    assert preprocess.input.dtype == "uint8"
 
 
 def test_served_detector_settings_build_a_working_runner(intel_repo, spec):
