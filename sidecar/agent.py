@@ -40,7 +40,7 @@ from sidecar.agent_rollback import RollbackMixin
 from sidecar.bundle import SignedBundle, verify_bundle
 from sidecar.bundle_classes import check_fits_device, unverified_here
 from sidecar.download import download
-from sidecar.errors import BundleError, DiskSpaceError, DownloadError, HealthGateError, StateError
+from sidecar.errors import BundleError, DownloadError, HealthGateError, StateError
 from sidecar.health import health_gate, probation, stage_thresholds
 from sidecar.state import RECOVERY, TERMINAL, AgentState, State, StateStore, check_transition, now_iso
 from sidecar.triton_control import TritonControl
@@ -50,10 +50,12 @@ from sidecar.version_folders import VersionFolders, check_free_space
 
 def served_target(detector_config: dict[str, Any]) -> str:
     """The build target of a rendered detector config: cpu, intel (OpenVINO in the Python backend) or nvidia-gpu."""
+    from backends.common.settings import DetectorSettings
+
     if detector_config.get("backend") != "python" and detector_config.get("platform") != "python":
         return "nvidia-gpu"
-    raw = detector_config.get("parameters", {}).get("config", {}).get("string_value") or "{}"
-    return "intel" if json.loads(raw).get("runtime") == "openvino" else "cpu"
+    settings = DetectorSettings.from_model_config(detector_config, detector_config.get("name", "the detector"))
+    return "intel" if settings.runtime == "openvino" else "cpu"
 
 
 class AgentBusyError(StateError):

@@ -55,7 +55,8 @@ class LatencyVerdict:
     share_high: float
 
     def to_dict(self) -> dict[str, Any]:
-        finite = lambda v: round(v, 3) if math.isfinite(v) else None
+        def finite(v):
+            return round(v, 3) if math.isfinite(v) else None
         return {"verdict": self.verdict, "rounds": self.rounds, "candidate": round(self.candidate_ms, 2),
                 "previous": round(self.previous_ms, 2), "ratio": round(self.ratio, 3),
                 "share_of_bound": [finite(self.share_low), round(self.share, 3), finite(self.share_high)]}

@@ -4,6 +4,7 @@ Agent on without a tritonserver."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import threading
 import time
@@ -31,7 +32,9 @@ EXPIRES = format_time(datetime.now(timezone.utc) + timedelta(days=30))
 DETECTOR_CONFIG = {"name": DETECTOR, "backend": "python", "max_batch_size": 8,
                    "input": [{"name": "images", "data_type": "TYPE_FP32", "dims": ["3", "8", "8"]}],
                    "output": [{"name": "output0", "data_type": "TYPE_FP32", "dims": ["-1", "6"]}],
-                   "parameters": {"config": {"string_value": '{"runtime": "onnxruntime"}'}}}
+                   "parameters": {"config": {"string_value": json.dumps(
+                       {"model_file": "model.onnx", "input_name": "images", "output_names": ["output0"],
+                        "intra_op_threads": 1, "runtime": "onnxruntime"})}}}
 
 
 class FakeTriton:
