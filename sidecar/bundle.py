@@ -22,8 +22,6 @@ its bytes is read; reads never go past the declared size. Any failure removes th
 """
 from __future__ import annotations
 
-import base64
-import binascii
 import dataclasses
 import errno
 import hashlib
@@ -48,7 +46,7 @@ from sidecar.bundle_classes import bundle_classes, default_classes
 from sidecar.bundle_delta import (CHUNK, DELTAS_PREFIX, FILES_PREFIX, UNCHANGED, check_delta_entries, delivery,
                                   file_digest, is_sha256, is_size, member_name, member_sha256, member_size,
                                   plan_deltas, rebuild, resolve_bases)
-from sidecar.bundle_types import ExpectedOutput, VerifiedBundle
+from sidecar.bundle_types import ExpectedOutput, VerifiedBundle, parse_expected_output
 from sidecar.errors import BundleError, DiskSpaceError, SidecarError
 from sidecar.trust import TrustStore, canonical_json, format_time, parse_time, sign
 
@@ -77,33 +75,6 @@ def check_relative_path(rel: Any) -> str:
     return rel
 
 
-def _number_list(value: Any, what: str) -> list:
-    if not isinstance(value, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
-        raise BundleError(f"expected_outputs: {what} must be a list of numbers")
-    return value
-
-
-def _expected_output(item: Any) -> ExpectedOutput:
-    if not isinstance(item, Mapping) or not isinstance(item.get("image_b64"), str):
-        raise BundleError("expected_outputs: each entry needs image_b64, boxes, scores, class_ids")
-    try:
-        base64.b64decode(item["image_b64"], validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise BundleError(f"expected_outputs: image_b64 is not base64 ({exc})") from exc
-    boxes = item.get("boxes")
-    if not isinstance(boxes, list) or not all(len(_number_list(b, "each box")) == 4 for b in boxes):
-        raise BundleError("expected_outputs: boxes must be a list of [x1, y1, x2, y2]")
-    scores = _number_list(item.get("scores"), "scores")
-    class_ids = item.get("class_ids")
-    if not isinstance(class_ids, list) or not all(isinstance(c, int) and not isinstance(c, bool) for c in class_ids):
-        raise BundleError("expected_outputs: class_ids must be a list of integers")
-    if not len(boxes) == len(scores) == len(class_ids):
-        raise BundleError("expected_outputs: boxes, scores and class_ids differ in length")
-    if not isinstance(item.get("name", ""), str):
-        raise BundleError("expected_outputs: name must be text")
-    return ExpectedOutput(item["image_b64"], boxes, scores, class_ids, item.get("name", ""))
-
-
 def check_bundle_signed(signed: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     """Check the fields of bundle metadata beyond what the TrustStore checks; returns `files`."""
     if not isinstance(signed.get("model_name"), str) or not MODEL_NAME.match(signed["model_name"]):
@@ -120,7 +91,7 @@ def check_bundle_signed(signed: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     if not isinstance(signed.get("expected_outputs", []), list):
         raise BundleError("expected_outputs must be a list")
     for item in signed.get("expected_outputs", []):
-        _expected_output(item)
+        parse_expected_output(item)
     if not isinstance(signed.get("golden", {}), dict):
         raise BundleError("golden (what made the expected outputs) must be an object")
     files = signed.get("files")
@@ -410,4 +381,5 @@ def verify_bundle(path: Path, trust: TrustStore, staging: Path, *, base_dirs: Se
         metadata_version=signed["version"], files={rel: staging / rel for rel in sorted(hashes)},
         file_hashes=dict(sorted(hashes.items())), config_pbtxt=signed.get("config_pbtxt"),
         build_manifest=signed.get("build_manifest", {}), base_version=(signed.get("base") or {}).get("model_version"),
-        delivery=delivery(files), device_classes=signed["device_classes"], expected_outputs=tuple(_expected_output(e) for e in signed.get("expected_outputs", [])), signed=signed)
+        delivery=delivery(files), device_classes=signed["device_classes"],
+        expected_outputs=tuple(parse_expected_output(e) for e in signed.get("expected_outputs", [])), signed=signed)

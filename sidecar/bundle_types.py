@@ -1,9 +1,13 @@
 """What a verified bundle is: the contract between bundle verification and the update agent."""
 from __future__ import annotations
 
+import base64
+import binascii
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
+
+from sidecar.errors import BundleError
 
 
 @dataclass(frozen=True)
@@ -37,3 +41,31 @@ class VerifiedBundle:
     base_version: str | None = None  # a delta bundle's base (semantic version)
     delivery: dict[str, str] = field(default_factory=dict)  # path -> "full", "unchanged" or the delta method
     device_classes: dict[str, Any] = field(default_factory=dict)  # builder.device_class.ArtifactClasses.to_dict()
+
+
+def _number_list(value: Any, what: str) -> list:
+    if not isinstance(value, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+        raise BundleError(f"expected_outputs: {what} must be a list of numbers")
+    return value
+
+
+def parse_expected_output(item: Any) -> ExpectedOutput:
+    """One signed expected_outputs entry, checked (BundleError naming what is wrong)."""
+    if not isinstance(item, Mapping) or not isinstance(item.get("image_b64"), str):
+        raise BundleError("expected_outputs: each entry needs image_b64, boxes, scores, class_ids")
+    try:
+        base64.b64decode(item["image_b64"], validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise BundleError(f"expected_outputs: image_b64 is not base64 ({exc})") from exc
+    boxes = item.get("boxes")
+    if not isinstance(boxes, list) or not all(len(_number_list(b, "each box")) == 4 for b in boxes):
+        raise BundleError("expected_outputs: boxes must be a list of [x1, y1, x2, y2]")
+    scores = _number_list(item.get("scores"), "scores")
+    class_ids = item.get("class_ids")
+    if not isinstance(class_ids, list) or not all(isinstance(c, int) and not isinstance(c, bool) for c in class_ids):
+        raise BundleError("expected_outputs: class_ids must be a list of integers")
+    if not len(boxes) == len(scores) == len(class_ids):
+        raise BundleError("expected_outputs: boxes, scores and class_ids differ in length")
+    if not isinstance(item.get("name", ""), str):
+        raise BundleError("expected_outputs: name must be text")
+    return ExpectedOutput(item["image_b64"], boxes, scores, class_ids, item.get("name", ""))

@@ -217,7 +217,7 @@ def make_golden_set(reference: Reference, images: Iterable[Path],
 
 def read_expected(data: Any, where: str) -> tuple[list[ExpectedOutput], dict[str, Any] | None]:
     """A JSON list of expected outputs (hand-written), or a golden file ({"golden", "expected_outputs"})."""
-    from sidecar.bundle import _expected_output
+    from sidecar.bundle_types import parse_expected_output
 
     golden = None
     if isinstance(data, Mapping):
@@ -226,4 +226,4 @@ def read_expected(data: Any, where: str) -> tuple[list[ExpectedOutput], dict[str
             raise GoldenSetError(f"{where}: a golden file needs a `golden` record (bundle golden writes one)")
     if not isinstance(data, list):
         raise GoldenSetError(f"{where}: expected outputs must be a JSON list or a golden file")
-    return [_expected_output(item) for item in data], (dict(golden) if golden is not None else None)
+    return [parse_expected_output(item) for item in data], (dict(golden) if golden is not None else None)
