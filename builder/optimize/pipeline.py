@@ -105,7 +105,7 @@ def make_runner(variant: Variant, spec: PipelineSpec, threads: int, fixed_batch:
 
 def _measure(variant: Variant, spec: PipelineSpec, settings: OptimizeSettings, images: list[Path], tensors: list,
              fixed_batch: int | None, reference) -> tuple[dict, list]:
-    from builder.optimize import evaluate
+    from builder.optimize import evaluate, variant_stats
     from builder.optimize.report import variant_row
 
     runner = make_runner(variant, spec, settings.threads, fixed_batch)
@@ -118,10 +118,10 @@ def _measure(variant: Variant, spec: PipelineSpec, settings: OptimizeSettings, i
 
         quantized_ops = quantized_op_counts(variant.path)
     else:
-        quantized_ops = evaluate.quantized_op_counts(variant) if variant.precision == "int8" else None
+        quantized_ops = variant_stats.quantized_op_counts(variant) if variant.precision == "int8" else None
     row = variant_row(
         variant,
-        stats=evaluate.file_stats(variant),
+        stats=variant_stats.file_stats(variant),
         latency=evaluate.measure_latency(runner, tensors, runs=settings.latency_runs, warmup=3),
         throughput=evaluate.measure_throughput(runner, tensors, (1, 2, 4, 8), settings.throughput_seconds,
                                                fixed_batch=fixed_batch),

@@ -13,12 +13,11 @@ from builder.optimize.evaluate import (
     ImageDetections,
     detect_images,
     fidelity_map,
-    file_stats,
     labelled_map,
     measure_latency,
     measure_throughput,
-    quantized_op_counts,
 )
+from builder.optimize.variant_stats import file_stats, quantized_op_counts
 from builder.optimize.manifest import build_manifest, manifest_sha256, write_manifest
 from builder.optimize.report import variant_row, write_report
 from builder.optimize.select import refusals, select_variant
