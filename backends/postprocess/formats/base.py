@@ -28,6 +28,14 @@ class OutputFormat:
     decode: Callable[..., Decoded]
 
 
+def one_tensor(decoder: Callable[..., Decoded]) -> Callable[..., Decoded]:
+    """OutputFormat.decode for a one-output format from decoder(raw, num_classes, *, score_threshold)."""
+    def decode(tensors: Sequence[np.ndarray], num_classes: int, *, score_threshold: Optional[float] = None) -> Decoded:
+        return decoder(tensors[0], num_classes, score_threshold=score_threshold)
+
+    return decode
+
+
 def squeeze_batch(raw: np.ndarray, name: str) -> np.ndarray:
     """Accept [A, B] or [1, A, B]; anything else is an InvalidTensorError."""
     raw = np.asarray(raw)

@@ -7,7 +7,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from backends.errors import InvalidTensorError
-from backends.postprocess.formats.base import Decoded, OutputFormat, Shape, squeeze_batch
+from backends.postprocess.formats.base import Decoded, OutputFormat, Shape, one_tensor, squeeze_batch
 
 
 def check_shapes(shapes: Sequence[Shape], num_classes: int) -> Optional[str]:
@@ -47,6 +47,5 @@ FORMAT = OutputFormat(
     summary="[B, K, 6]: x1 y1 x2 y2 score class, in model-input pixels",
     outputs=("detections",),
     check_shapes=check_shapes,
-    decode=lambda tensors, num_classes, *, score_threshold=None: decode_detections(
-        tensors[0], num_classes, score_threshold=score_threshold),
+    decode=one_tensor(decode_detections),
 )

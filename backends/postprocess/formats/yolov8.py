@@ -7,7 +7,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from backends.errors import InvalidTensorError
-from backends.postprocess.formats.base import Decoded, OutputFormat, Shape, finish, squeeze_batch
+from backends.postprocess.formats.base import Decoded, OutputFormat, Shape, finish, one_tensor, squeeze_batch
 
 
 def check_shapes(shapes: Sequence[Shape], num_classes: int) -> Optional[str]:
@@ -67,6 +67,5 @@ FORMAT = OutputFormat(
     summary="[B, 4 + C, N] (or [B, N, 4 + C]): cx cy w h and C class scores per candidate",
     outputs=("predictions",),
     check_shapes=check_shapes,
-    decode=lambda tensors, num_classes, *, score_threshold=None: decode_yolov8(
-        tensors[0], num_classes, score_threshold=score_threshold),
+    decode=one_tensor(decode_yolov8),
 )
