@@ -1,4 +1,4 @@
-# The two commands: `make demo` (the main job) and `make test` (the whole suite). Both set up .venv first.
+# The two commands: `make demo` (the main job) and `make test` (the whole suite, slow tests included; `make unit`: the fast unit tests). Both set up .venv first.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -26,8 +26,9 @@ test: setup
 lint: setup
 	$(BIN)/ruff check .
 
+# The fast unit tests: no variant builds, emulated CPUs or servers (markers: pyproject.toml)
 unit: setup
-	$(BIN)/python -m pytest -ra tests/unit
+	$(BIN)/python -m pytest -ra -m "not slow and not integration" tests/unit
 
 bench: setup
 	$(BIN)/python benchmarks/ensemble_overhead.py --out BENCHMARKS.md

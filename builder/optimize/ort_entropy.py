@@ -25,25 +25,42 @@ def kl_threshold(hist: np.ndarray, edges: np.ndarray, low: float, high: float,
     """ORT's EntropyCalibrater.get_entropy_threshold: the symmetric window of the histogram whose quantization to
     num_quantized_bins bins loses the least information (KL divergence), clipped to the observed [low, high].
 
-    Every candidate window is a row of one array (zero-padded to the longest window), so the search runs as array
-    operations instead of ORT's per-candidate, per-bin Python loops. Like ORT's: p is the window with the outliers
-    added to its end bins; q spreads each quantized bin's count (integer division) over its nonzero positions of p;
-    both are smoothed (quant_utils.smooth_distribution) and compared with scipy's entropy.
+    Every candidate window is a row of an array (zero-padded to the longest window of its block of rows), so the
+    search runs as array operations instead of ORT's per-candidate, per-bin Python loops. Like ORT's: p is the window
+    with the outliers added to its end bins; q spreads each quantized bin's count (integer division) over its
+    nonzero positions of p; both are smoothed (quant_utils.smooth_distribution) and compared with scipy's entropy.
+    The candidates go in blocks of rows of similar length (windows grow by 2 bins a row): padding every row to the
+    longest window would double the work and the memory.
     """
-    from scipy.special import rel_entr
-
     hist = np.asarray(hist, dtype=np.float64)
     num_bins, zero, half = hist.size, hist.size // 2, num_quantized_bins // 2
     rows = np.arange(zero + 1 - half)
     start = zero - half - rows
     end = np.minimum(zero + half + rows + 1, num_bins)
+    cumulative = np.concatenate(([0.0], np.cumsum(hist)))
+    block = max(1, _BLOCK_ELEMENTS // num_bins)
+    div = np.concatenate([_divergences(hist, cumulative, start[i:i + block], end[i:i + block], num_quantized_bins)
+                          for i in range(0, len(rows), block)])
+    best = int(np.argmin(div))  # the first of equal minima, as ORT's np.argmin
+    return float(max(edges[start[best]], low)), float(min(edges[end[best]], high))
+
+
+_BLOCK_ELEMENTS = 1 << 17  # candidate rows per block: about this many window bins (blocks of 64 rows at 2048 bins)
+
+
+def _divergences(hist: np.ndarray, cumulative: np.ndarray, start: np.ndarray, end: np.ndarray,
+                 num_quantized_bins: int) -> np.ndarray:
+    """The KL divergence (float32, as ORT's) of the candidate windows [start, end) of the histogram."""
+    from scipy.special import rel_entr
+
+    num_bins = hist.size
+    rows = np.arange(len(start))
     length = end - start
     merged = length // num_quantized_bins
     covered = num_quantized_bins * merged
     j = np.arange(int(length.max()))[None, :]
     valid = j < length[:, None]
     sliced = np.where(valid, hist[np.minimum(start[:, None] + j, num_bins - 1)], 0.0)
-    cumulative = np.concatenate(([0.0], np.cumsum(hist)))
     p = sliced.copy()
     p[:, 0] += cumulative[start]
     p[rows, length - 1] += cumulative[-1] - cumulative[end]
@@ -57,12 +74,18 @@ def kl_threshold(hist: np.ndarray, edges: np.ndarray, low: float, high: float,
     q = np.where(in_cover, per_bin[bins], 0.0)
     ps, qs = _smooth(p, valid), _smooth(q, valid)
     with np.errstate(divide="ignore", invalid="ignore"):
-        pn = ps / ps.sum(axis=1, keepdims=True)
-        qn = qs / qs.sum(axis=1, keepdims=True)
-        div = rel_entr(pn, qn).sum(axis=1).astype(np.float32)
+        pn = ps / _row_sums(ps, length)[:, None]
+        qn = qs / _row_sums(qs, length)[:, None]
+        div = _row_sums(rel_entr(pn, qn), length).astype(np.float32)
     div[~(np.any((p != 0) & valid, axis=1) & np.any((q != 0) & valid, axis=1))] = np.inf
-    best = int(np.argmin(div))  # the first of equal minima, as ORT's np.argmin
-    return float(max(edges[start[best]], low)), float(min(edges[end[best]], high))
+    return div
+
+
+def _row_sums(a: np.ndarray, length: np.ndarray) -> np.ndarray:
+    """Each row's sum over its own window only, as ORT sums each candidate's 1-D array: numpy's pairwise summation
+    groups the terms by the array's length, so a sum over the zero-padded row could round differently (float32) and
+    tip the argmin between near-equal candidates."""
+    return np.array([row[:n].sum() for row, n in zip(a, length.tolist())], dtype=a.dtype)
 
 
 def _smooth(p: np.ndarray, valid: np.ndarray, eps: float = 0.0001) -> np.ndarray:

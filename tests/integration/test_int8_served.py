@@ -35,7 +35,6 @@ from backends.detector.onnx_runner import OnnxDetector, make_session
 from builder.device_class import host_class
 from builder.optimize import evaluate
 from builder.optimize import ort_variants as ov
-from builder.optimize.calibration import load_calibration_set
 from builder.optimize.evaluate import ImageDetections
 from builder.optimize.int8_classes import settings_for
 from builder.optimize.pipeline import DEFAULT_ACCURACY_FLOOR
@@ -46,10 +45,11 @@ from edgestack.client import DetectionClient
 from edgestack.server import TritonServer
 from tests.conftest import IMAGES, SPEC
 from tests.integration.conftest import assert_stopped
+from tests.variants import ORT_CALIBRATION_IMAGES
 
 pytestmark = pytest.mark.integration
 
-CALIBRATION_IMAGES = 3
+CALIBRATION_IMAGES = ORT_CALIBRATION_IMAGES  # 3
 # variant -> (QuantOptions fields besides the decode tail, fidelity mAP@0.5 floor); see the module docstring
 VARIANTS = {
     "int8-minmax": ({"calibration": "minmax"}, 0.6),
@@ -84,20 +84,15 @@ def fp32_reference(spec, eval_images) -> list[ImageDetections]:
 
 
 @pytest.fixture(scope="module")
-def calibration(spec):
-    return load_calibration_set(IMAGES, spec.input, spec.limits, CALIBRATION_IMAGES)
-
-
-@pytest.fixture(scope="module")
-def variants(spec, calibration, tmp_path_factory) -> dict[str, Variant]:
-    tmp = tmp_path_factory.mktemp("int8_variants")
+def variants(spec, shared_variants) -> dict[str, Variant]:
+    """Built once per session (tests/variants.py): test_ort_variants and test_int8_emulated share some of them."""
     head = ov.default_head_exclusions(spec.model_path)
     built = {}
     for name, (fields, _) in VARIANTS.items():
         started = time.perf_counter()
         options = ov.QuantOptions(**fields, **ISA, exclude_nodes=head)
-        built[name] = ov.build_int8(spec.model_path, tmp / name, calibration, spec.input_name, options)
-        print(f"\n{name} ({options.name}) built in {time.perf_counter() - started:.1f} s")
+        built[name] = shared_variants.ort_int8(options, CALIBRATION_IMAGES)
+        print(f"\n{name} ({options.name}) ready in {time.perf_counter() - started:.1f} s")
     return built
 
 
@@ -173,10 +168,9 @@ def test_each_pipeline_serves_its_own_int8_model(server, variants):
     assert recipe["resize_executed"] == {"float": 3, "integer": 0}
 
 
-def test_quantized_decode_tail_fails_every_floor(spec, calibration, eval_images, fp32_reference, tmp_path):
+def test_quantized_decode_tail_fails_every_floor(spec, shared_variants, eval_images, fp32_reference):
     """The negative control for the floors: min/max INT8 with the decode tail quantized too (no exclusions)."""
-    broken = ov.build_int8(spec.model_path, tmp_path / "broken", calibration, spec.input_name,
-                           ov.QuantOptions(calibration="minmax"))
+    broken = shared_variants.ort_int8(ov.QuantOptions(calibration="minmax"), CALIBRATION_IMAGES)
     runner = OnnxDetector(make_session(str(broken.path), 1), spec.input_name, spec.output.name, 1)
     fidelity = evaluate.fidelity_map(fp32_reference, evaluate.detect_images(runner, spec, eval_images),
                                      reference_score_threshold=spec.thresholds.score)

@@ -16,15 +16,14 @@ from backends.detector.onnx_runner import make_session
 from backends.postprocess.pipeline import postprocess_image
 from backends.preprocess.image_ops import decode_image, prepare_input
 from builder.device_class import host_class
-from builder.optimize.calibration import load_calibration_set
 from builder.optimize.int8_classes import settings_for
-from builder.optimize.openvino_variants import build_openvino, build_openvino_int8
 from builder.repository import render_repository, target_for
 from builder.spec import load_spec
 from edgestack.client import DetectionClient
 from edgestack.server import TritonServer
 from tests.conftest import IMAGES, SPEC
 from tests.integration.conftest import assert_stopped
+from tests.variants import OPENVINO_CALIBRATION_IMAGES
 
 pytestmark = pytest.mark.integration
 
@@ -60,16 +59,16 @@ def reference(spec):
 
 
 @pytest.fixture(scope="module", params=["ov-fp32", "ov-int8"])
-def served(request, spec, tmp_path_factory) -> Iterator[tuple[str, DetectionClient]]:
+def served(request, spec, shared_variants, tmp_path_factory) -> Iterator[tuple[str, DetectionClient]]:
+    """The variant built once per session (tests/variants.py, shared with test_openvino_variants), served."""
     tmp = tmp_path_factory.mktemp(request.param)
     started = time.perf_counter()
     if request.param == "ov-int8":
-        calibration = load_calibration_set(IMAGES, spec.input, spec.limits, count=5)
-        variant = build_openvino_int8(spec.model_path, tmp / "variant", calibration,
-                                      overflow_fix=settings_for(host_class()).openvino_overflow_fix)
+        variant = shared_variants.openvino_int8(settings_for(host_class()).openvino_overflow_fix,
+                                                OPENVINO_CALIBRATION_IMAGES)
     else:
-        variant = build_openvino(spec.model_path, tmp / "variant", "fp32")
-    print(f"\n{variant.name} built in {time.perf_counter() - started:.1f} s")
+        variant = shared_variants.openvino("fp32")
+    print(f"\n{variant.name} ready in {time.perf_counter() - started:.1f} s")
     intel = spec.replace(target="intel")
     repository = render_repository(intel, tmp / "model_repository", target_for(intel), variant=variant)
     server = TritonServer(repository, log_path=tmp / "tritonserver.log")

@@ -2,9 +2,9 @@
 at the health gate of a real tritonserver: it refuses a broken INT8 model, and passes the FP32 model it was
 made from as served (input-fused graph, Triton, the gate's own pre/postprocess).
 
-The broken model is ONNX Runtime min/max INT8 with the decode tail quantized too, calibrated on one photo
-(the negative control of test_int8_served.py): its scores collapse on every x86 CPU class, so none of the
-set's confident detections is reproduced. Reuses test_sidecar_swap's server, keys and agent fixtures.
+The broken model is ONNX Runtime min/max INT8 with the decode tail quantized too, calibrated on the first 3 photos
+(the negative control of test_int8_served.py, the same build: tests/variants.py): its scores collapse on every x86
+CPU class, so none of the set's confident detections is reproduced. Reuses test_sidecar_swap's server, keys and agent fixtures.
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from sidecar.bundle import create_bundle
 from sidecar.errors import HealthGateError
 from sidecar.golden import make_golden_set, reference_from_repository
 from tests.conftest import IMAGES, SPEC
+from tests.variants import ORT_CALIBRATION_IMAGES
 from tests.integration.test_sidecar_swap import (DETECTOR, EXPIRES, _assert_rolled_back, make_agent,  # noqa: F401
                                                  make_variant, swap_env)
 
@@ -34,23 +35,20 @@ def golden(swap_env) -> dict:
     return make_golden_set(reference_from_repository(swap_env.repository, DETECTOR), GOLDEN_IMAGES)
 
 
-def _broken_int8(swap_env) -> Path:
+def _broken_int8(swap_env, shared_variants) -> Path:
     """v1's folder with its model replaced by the broken INT8 graph, input-fused like v1's."""
     from builder.optimize import ort_variants as ov
-    from builder.optimize.calibration import load_calibration_set
 
     spec = load_spec(SPEC)
-    calibration = load_calibration_set(IMAGES, spec.input, spec.limits, 1)
-    broken = ov.build_int8(spec.model_path, swap_env.tmp / "broken-int8-build", calibration, spec.input_name,
-                           ov.QuantOptions(calibration="minmax"))
+    broken = shared_variants.ort_int8(ov.QuantOptions(calibration="minmax"), ORT_CALIBRATION_IMAGES)
     folder = swap_env.tmp / "variants" / "broken-int8"
     shutil.copytree(swap_env.repository / DETECTOR / "1", folder, ignore=shutil.ignore_patterns("__pycache__"))
     fuse_input_conversion(broken.path, folder / "model.onnx", spec.input_name, spec.input)
     return folder
 
 
-def test_project_made_golden_set_refuses_a_broken_int8_model(swap_env, make_agent, golden):
-    bundle = create_bundle(_broken_int8(swap_env), swap_env.tmp / "broken-int8.bundle", model_name=DETECTOR,
+def test_project_made_golden_set_refuses_a_broken_int8_model(swap_env, make_agent, golden, shared_variants):
+    bundle = create_bundle(_broken_int8(swap_env, shared_variants), swap_env.tmp / "broken-int8.bundle", model_name=DETECTOR,
                            model_version="1.30.0", target="cpu", metadata_version=30, keys=swap_env.keys.bundle,
                            expires=EXPIRES, expected_outputs=golden["expected_outputs"], golden=golden["golden"],
                            device_classes=ArtifactClasses(target_classes("cpu")))

@@ -222,14 +222,20 @@ def test_good_swap_under_load_fails_no_request(swap_env, make_agent, record_prop
     agent = make_agent(probation_s=3.0)
     control = swap_env.control
     with Load(swap_env.server) as load:
-        time.sleep(2.0)
+        deadline = time.monotonic() + 60
+        while load.ok < 4:  # every client is answered before the install starts
+            assert time.monotonic() < deadline and not load.failures, load.failures[:3]
+            time.sleep(0.05)
         before = load.ok
         started = time.monotonic()
         status = agent.install(swap_env.bundles["same"])
         install_s = time.monotonic() - started
         during = load.ok - before
         v2_start = control.statistics(2).success_count
-        time.sleep(2.0)
+        deadline = time.monotonic() + 60
+        while control.statistics(2).success_count <= v2_start:  # the load goes on until v2 answers it after the install
+            assert time.monotonic() < deadline and not load.failures, load.failures[:3]
+            time.sleep(0.05)
     assert load.failures == [], load.failures[:5]
     assert status["state"] == "DONE" and status["current"] == 2 and status["committed"] == [1, 2]
     assert control.pinned_version() == 2 and control.ready_versions() == [2]

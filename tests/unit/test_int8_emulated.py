@@ -19,13 +19,13 @@ import pytest
 
 from builder.device_class import host_class
 from builder.optimize import ort_variants as ov
-from builder.optimize.calibration import load_calibration_set
 from builder.optimize.int8_classes import SATURATING_X86, exact_classes, settings_for
-from builder.spec import load_spec
 from tests.conftest import IMAGES, MODEL, SPEC
+from tests.variants import ORT_CALIBRATION_IMAGES
 
 QEMU = shutil.which("qemu-x86_64")
-pytestmark = pytest.mark.skipif(QEMU is None, reason="qemu-x86_64 is not installed (apt-get install qemu-user)")
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(QEMU is None, reason="qemu-x86_64 is not installed (apt-get install qemu-user)")]
 ROOT = Path(__file__).resolve().parents[2]
 IMAGE = IMAGES / "horses.jpg"  # saturation moves its detections most of the 14 photos (BENCHMARKS.md)
 
@@ -33,7 +33,6 @@ DETECT = """
 import json, sys
 from backends.detector.onnx_runner import OnnxDetector, make_session
 from builder.optimize.evaluate import detect_images
-from builder.spec import load_spec
 spec_path, image, out, *models = sys.argv[1:]
 spec = load_spec(spec_path)
 found = {}
@@ -45,14 +44,16 @@ open(out, "w").write(json.dumps(found))
 """
 
 
-def detections(models: list[Path], out: Path, emulate: bool) -> dict[str, dict]:
-    command = [sys.executable, "-c", DETECT, str(SPEC), str(IMAGE), str(out), *map(str, models)]
+def detections(models: dict[str, Path], out: Path, emulate: bool) -> dict[str, dict]:
+    """{name: detections on IMAGE} of each model, run in a subprocess (under qemu's Haswell CPU if emulate)."""
+    command = [sys.executable, "-c", DETECT, str(SPEC), str(IMAGE), str(out), *map(str, models.values())]
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     if emulate:
         command = [QEMU, "-cpu", "Haswell", *command]
         env["EDGESTACK_DEVICE_CLASS"] = "x86-avx2"
     subprocess.run(command, check=True, env=env, cwd=ROOT, stderr=subprocess.DEVNULL, timeout=600)
-    return {Path(k).parent.name: v for k, v in json.loads(out.read_text()).items()}
+    found = json.loads(out.read_text())
+    return {name: found[str(path)] for name, path in models.items()}
 
 
 def same(a: dict, b: dict) -> bool:
@@ -62,16 +63,16 @@ def same(a: dict, b: dict) -> bool:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    spec = load_spec(SPEC)
+def runs(tmp_path_factory, shared_variants):
+    """The FAST_INT8 builds test_ort_variants checks (built once per session, tests/variants.py), run here and on
+    the emulated AVX2 CPU."""
     tmp = tmp_path_factory.mktemp("emulated")
-    calibration = load_calibration_set(IMAGES, spec.input, spec.limits, 3)
     head = ov.default_head_exclusions(MODEL)
-    models = []
+    models = {}
     for name, isa in (("portable", settings_for(SATURATING_X86[-1]).ort), ("full-range", {})):
-        variant = ov.build_int8(MODEL, tmp / name, calibration, spec.input_name,
-                                ov.QuantOptions(**ov.FAST_INT8, **isa, exclude_nodes=head))
-        models.append(variant.path)
+        variant = shared_variants.ort_int8(ov.QuantOptions(**ov.FAST_INT8, **isa, exclude_nodes=head),
+                                           ORT_CALIBRATION_IMAGES)
+        models[name] = variant.path
     return detections(models, tmp / "host.json", False), detections(models, tmp / "avx2.json", True)
 
 

@@ -26,7 +26,6 @@ from builder.device_class import host_class
 from builder.errors import BuilderError, TargetError
 from builder.input_fusion import transport_spec
 from builder.model_inspect import inspect_onnx
-from builder.optimize.calibration import load_calibration_set
 from builder.optimize.openvino_variants import (
     _convert,
     build_openvino,
@@ -42,6 +41,7 @@ from builder.targets import IntelTarget, make_target
 from builder.triton_config import CONFIG_FILENAME
 from builder.triton_config_parse import parse
 from tests.conftest import IMAGES, MODEL, SPEC
+from tests.variants import OPENVINO_CALIBRATION_IMAGES, VariantCache
 
 INPUT = "tower_0/images:0"
 OUTPUT = "tower_0/detections"
@@ -57,23 +57,20 @@ def spec():
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory, spec):
+def built(shared_variants):
     """ov-fp32, ov-fp16 and ov-int8 (NNCF on the first 5 fixture photos) of the fixture model; ov-int8 with this
     CPU class's overflow fix (`edgestack optimize`'s), int8-portable with the fix of x86 classes without VNNI
-    (7-bit weights: exact on every x86 class, so its detections here are its detections on AVX2)."""
-    out = tmp_path_factory.mktemp("variants")
-    calibration = load_calibration_set(IMAGES, spec.input, spec.limits, count=5)
+    (7-bit weights: exact on every x86 class, so its detections here are its detections on AVX2). Built once per
+    session (tests/variants.py; test_openvino_served serves ov-fp32 and ov-int8): read-only here."""
     fix = settings_for(host_class()).openvino_overflow_fix
-    built = {
-        "fp32": build_openvino(MODEL, out / "ov-fp32", "fp32"),
-        "fp16": build_openvino(MODEL, out / "ov-fp16", "fp16"),
-        "int8": build_openvino_int8(MODEL, out / "ov-int8", calibration, overflow_fix=fix),
-        "calibration": calibration,
+    return {
+        "fp32": shared_variants.openvino("fp32"),
+        "fp16": shared_variants.openvino("fp16"),
+        "int8": shared_variants.openvino_int8(fix, OPENVINO_CALIBRATION_IMAGES),
+        "calibration": shared_variants.calibration(OPENVINO_CALIBRATION_IMAGES),
+        "int8-portable": shared_variants.openvino_int8(settings_for(SATURATING_X86[-1]).openvino_overflow_fix,
+                                                       OPENVINO_CALIBRATION_IMAGES),
     }
-    portable = settings_for(SATURATING_X86[-1]).openvino_overflow_fix
-    built["int8-portable"] = built["int8"] if fix == portable else \
-        build_openvino_int8(MODEL, out / "ov-int8-portable", calibration, overflow_fix=portable)
-    return built
 
 
 @pytest.fixture(scope="module")
@@ -472,8 +469,9 @@ def test_intel_without_variant_converts_the_spec_model(spec, tmp_path):
 def test_cli_build_with_variant_picks_the_intel_target(built, tmp_path, capsys):
     from edgestack.cli import main
 
-    folder = built["fp32"].path.parent
-    save_variant(built["fp32"], {"note": "test"})
+    fp32 = VariantCache.copy(built["fp32"], tmp_path / "ov-fp32")  # the shared folder stays as built
+    folder = fp32.path.parent
+    save_variant(fp32, {"note": "test"})
     assert load_variant(folder)[0].name == "ov-fp32"
     out = tmp_path / "repo"
     assert main(["build", str(SPEC), "--out", str(out), "--variant", str(folder)]) == 0

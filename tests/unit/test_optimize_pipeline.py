@@ -22,6 +22,7 @@ def small_images(tmp_path):
     return folder
 
 
+@pytest.mark.slow
 def test_optimize_builds_measures_reports_and_picks(tmp_path, small_images):
     spec = load_spec(SPEC)
     settings = OptimizeSettings(calibration_dir=small_images, eval_dir=small_images, out_dir=tmp_path / "opt",
@@ -58,6 +59,7 @@ def avx2_host(monkeypatch):
     monkeypatch.setenv("EDGESTACK_DEVICE_CLASS", "x86-avx2")
 
 
+@pytest.mark.slow
 def test_default_floor_refuses_a_broken_int8_and_the_report_says_why(tmp_path, small_images, avx2_host):
     """The decode tail quantized (keep_head_float=False) collapses every score: under the default 0.90 floor on any
     CPU. The INT8 variant is built with x86-avx2's settings, recorded in variant.json and manifest.json."""
@@ -82,6 +84,7 @@ def test_default_floor_refuses_a_broken_int8_and_the_report_says_why(tmp_path, s
         assert classes["verified_on"] == ["x86-avx2"]
 
 
+@pytest.mark.slow
 def test_int8_for_another_class_is_unverified_and_still_servable(tmp_path, small_images, avx2_host):
     """--device-class x86-vnni on an x86-avx2 machine: full-range U8S8, which this machine cannot compute exactly, so
     its measured fidelity verifies nothing; the variant still renders with `edgestack build --variant`."""

@@ -1,6 +1,7 @@
 """builder.optimize.ort_variants: ONNX Runtime FP32/INT8/FP16 variants of the fixture detector.
 
-INT8 builds use 3 fixture images (a few seconds each); they are built once per module and shared.
+INT8 builds use 3 fixture images (a few seconds each, the entropy KL search tens of seconds); they are built once
+per test session and shared with test_int8_served and test_int8_emulated (tests/variants.py).
 Findings these tests pin down are explained in docs/INT8.md.
 """
 from __future__ import annotations
@@ -24,13 +25,16 @@ from builder.optimize import ort_variants as ov
 from builder.optimize.int8_classes import SATURATING_X86, exact_classes, settings_for
 from builder.optimize.pipeline import DEFAULT_ACCURACY_FLOOR
 from builder.optimize.manifest import sha256_file
-from builder.optimize.calibration import CalibrationSet, load_calibration_set
+from builder.optimize.calibration import CalibrationSet
 from builder.optimize.variants import Variant
 from builder.spec import load_spec
 from tests.conftest import IMAGES, MODEL, SPEC
+from tests.variants import ORT_CALIBRATION_IMAGES
 
-CALIBRATION_IMAGES = 3
+CALIBRATION_IMAGES = ORT_CALIBRATION_IMAGES  # 3
 BUILD_SECONDS: dict[str, float] = {}
+HOST_ISA = settings_for(host_class()).ort  # what `edgestack optimize` builds for this machine's CPU class
+PORTABLE_ISA = settings_for(SATURATING_X86[-1]).ort  # the settings of x86 classes without VNNI
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +43,8 @@ def spec():
 
 
 @pytest.fixture(scope="module")
-def calibration(spec) -> CalibrationSet:
-    return load_calibration_set(IMAGES, spec.input, spec.limits, CALIBRATION_IMAGES)
+def calibration(shared_variants) -> CalibrationSet:
+    return shared_variants.calibration(CALIBRATION_IMAGES)
 
 
 @pytest.fixture(scope="module")
@@ -48,53 +52,61 @@ def workdir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("ort_variants")
 
 
+def head_float_options(**fields) -> ov.QuantOptions:
+    """QuantOptions as `edgestack optimize` builds them here: decode tail float, this CPU class's settings."""
+    return ov.QuantOptions(**fields, **HOST_ISA, exclude_nodes=ov.default_head_exclusions(MODEL))
+
+
 @pytest.fixture(scope="module")
-def int8_builds(spec, calibration, workdir):
-    """One INT8 variant per calibration method (defaults otherwise), built once; build seconds recorded."""
+def int8_builds(shared_variants):
+    """One INT8 variant per ORT calibration method, as `edgestack optimize` builds it (head_float_options: the
+    same builds test_int8_served serves), built once per session; seconds until ready recorded."""
     built = {}
     for method in ov.ORT_CALIBRATION_METHODS:
         start = time.perf_counter()
-        built[method] = ov.build_int8(MODEL, workdir / method, calibration, spec.input_name, ov.QuantOptions(calibration=method))
+        built[method] = shared_variants.ort_int8(head_float_options(calibration=method), CALIBRATION_IMAGES)
         BUILD_SECONDS[method] = time.perf_counter() - start
     return built
 
 
-HOST_ISA = settings_for(host_class()).ort  # what `edgestack optimize` builds for this machine's CPU class
-PORTABLE_ISA = settings_for(SATURATING_X86[-1]).ort  # the settings of x86 classes without VNNI
+@pytest.fixture(scope="module")
+def int8_minmax_whole_graph(shared_variants):
+    """ORT's min/max with QuantOptions' defaults otherwise: every node quantized, the decode tail too (the negative
+    control of test_int8_served)."""
+    return shared_variants.ort_int8(ov.QuantOptions(calibration="minmax"), CALIBRATION_IMAGES)
 
 
 @pytest.fixture(scope="module")
-def int8_head_float(spec, calibration, workdir):
+def int8_head_float(int8_builds):
     """ORT's own min/max calibration, per-channel, decode tail in float, this CPU class's settings."""
-    options = ov.QuantOptions(calibration="minmax", **HOST_ISA, exclude_nodes=ov.default_head_exclusions(MODEL))
-    return ov.build_int8(MODEL, workdir / "head-float", calibration, spec.input_name, options)
+    return int8_builds["minmax"]
 
 
-def _fast(spec, calibration, out: Path, isa: dict):
+def _fast(shared_variants, isa: dict):
     options = ov.QuantOptions(**ov.FAST_INT8, **isa, exclude_nodes=ov.default_head_exclusions(MODEL))
-    return ov.build_int8(MODEL, out, calibration, spec.input_name, options)
+    return shared_variants.ort_int8(options, CALIBRATION_IMAGES)
 
 
 @pytest.fixture(scope="module")
-def fast_int8(spec, calibration, workdir):
+def fast_int8(shared_variants):
     """The FAST_INT8 recipe as `edgestack optimize` builds it here (int8-mean-quantile, this CPU class's settings)."""
-    return _fast(spec, calibration, workdir / "fast", HOST_ISA)
+    return _fast(shared_variants, HOST_ISA)
 
 
 @pytest.fixture(scope="module")
-def fast_int8_portable(spec, calibration, workdir, fast_int8):
+def fast_int8_portable(shared_variants):
     """The recipe with the settings of x86 without VNNI (7-bit weights): exact on every CPU class, so its fidelity
     here is its fidelity on AVX2."""
-    return fast_int8 if HOST_ISA == PORTABLE_ISA else _fast(spec, calibration, workdir / "fast-portable", PORTABLE_ISA)
+    return _fast(shared_variants, PORTABLE_ISA)
 
 
 @pytest.fixture(scope="module")
-def fast_int8_full_range(spec, calibration, workdir, fast_int8):
+def fast_int8_full_range(shared_variants):
     """Full-range U8S8 weights, the x86-vnni settings: only a CPU whose kernels compute it exactly can judge it."""
     if host_class() not in exact_classes(ov.QuantOptions(**ov.FAST_INT8)):
         pytest.skip(f"full-range U8S8 saturates in the U8S8 kernels of {host_class()} (no VNNI): measured only where "
                     "it is exact (docs/INT8.md)")
-    return fast_int8 if HOST_ISA == {} else _fast(spec, calibration, workdir / "fast-full", {})
+    return _fast(shared_variants, {})
 
 
 def session(path: Path) -> ort.InferenceSession:
@@ -202,7 +214,7 @@ def test_invalid_options_are_refused(changes, message):
 @pytest.mark.parametrize("method", ov.ORT_CALIBRATION_METHODS)
 def test_int8_builds_with_each_calibration_method(int8_builds, calibration, method):
     variant = int8_builds[method]
-    assert variant.name == f"int8-{method}-pc"
+    assert variant.name == head_float_options(calibration=method).name and variant.name.startswith(f"int8-{method}-pc-")
     assert (variant.runtime, variant.precision, variant.targets) == ("onnxruntime", "int8", ("cpu",))
     assert variant.path.name == "model.onnx" and variant.path.is_file()
     assert leftovers(variant.path.parent) == ["model.onnx"]
@@ -212,6 +224,8 @@ def test_int8_builds_with_each_calibration_method(int8_builds, calibration, meth
     assert options["calibration_count"] == CALIBRATION_IMAGES
     assert options["calibration_images"] == [p.name for p in calibration.paths]
     assert options["per_channel"] is True and options["ort_extra_options"]["WeightSymmetric"] is True
+    assert options["exclude_nodes"] == list(ov.default_head_exclusions(MODEL))
+    assert options["reduce_range"] is bool(HOST_ISA.get("reduce_range"))
     assert options["sha256"] == sha256_file(variant.path)
     assert json.loads(json.dumps(options)) == options  # save_variant writes it as JSON
     print(f"build_int8 {method}: {BUILD_SECONDS[method]:.1f} s with {CALIBRATION_IMAGES} images")
@@ -245,9 +259,9 @@ def test_kl_search_is_orts_entropy_threshold():
         assert got != pytest.approx((float(data.min()), float(data.max())))  # a real search: not min/max
 
 
-def test_integer_kernels_are_what_ort_executes(int8_builds):
-    counts = ov.quantized_op_counts(int8_builds["minmax"].path)
-    assert counts == int8_builds["minmax"].options["quantized_ops"]
+def test_integer_kernels_are_what_ort_executes(int8_minmax_whole_graph):
+    counts = ov.quantized_op_counts(int8_minmax_whole_graph.path)
+    assert counts == int8_minmax_whole_graph.options["quantized_ops"]
     in_file, executed = counts["file"], counts["executed"]
     # QDQ file: Q/DQ pairs around float ops, no integer op written yet
     assert in_file["QuantizeLinear"] > 100 and in_file["DequantizeLinear"] > 100 and in_file["integer_total"] == 0
@@ -266,11 +280,11 @@ def test_fp32_counts_show_no_integer_kernels():
         ov.quantized_op_counts(MODEL, level="ORT_ENABLE_BASIC")
 
 
-def test_same_variant_twice_gives_the_same_bytes(spec, calibration, int8_builds, workdir):
+def test_same_variant_twice_gives_the_same_bytes(spec, calibration, int8_minmax_whole_graph, workdir):
     again = ov.build_int8(MODEL, workdir / "minmax-again", calibration, spec.input_name,
                           ov.QuantOptions(calibration="minmax"))
-    assert again.options["sha256"] == int8_builds["minmax"].options["sha256"]
-    assert again.path.read_bytes() == int8_builds["minmax"].path.read_bytes()
+    assert again.options["sha256"] == int8_minmax_whole_graph.options["sha256"]
+    assert again.path.read_bytes() == int8_minmax_whole_graph.path.read_bytes()
 
 
 def test_head_exclusions_are_the_decode_tail():
@@ -330,6 +344,7 @@ def test_fast_int8_keeps_fp32s_confident_classes_and_meets_the_floor(request, sp
     assert measured >= DEFAULT_ACCURACY_FLOOR
 
 
+@pytest.mark.slow
 def test_an_excluded_conv_between_quantized_neighbours_is_requantized_by_ort(spec, calibration, workdir):
     """ORT's WeightBiasQuantization gives a float Conv between DQ and Q per-tensor int8 weights at load.
 
@@ -429,6 +444,7 @@ def test_bad_arguments_fail_before_any_work(spec, calibration, tmp_path, kwargs,
     assert leftovers(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_uint8_per_channel_weights_that_ort_cannot_run_are_refused(spec, calibration, tmp_path):
     """ORT gives all-zero weight channels zero point 0 and the others 127; QLinearConv refuses mixed zero points."""
     one_image = CalibrationSet(calibration.paths[:1], calibration.tensors[:1], "one-image")
