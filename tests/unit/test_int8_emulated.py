@@ -33,6 +33,7 @@ DETECT = """
 import json, sys
 from backends.detector.onnx_runner import OnnxDetector, make_session
 from builder.optimize.evaluate import detect_images
+from builder.spec import load_spec
 spec_path, image, out, *models = sys.argv[1:]
 spec = load_spec(spec_path)
 found = {}
