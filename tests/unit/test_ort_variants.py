@@ -324,6 +324,7 @@ def all_images() -> list[Path]:
     return sorted(p for p in IMAGES.iterdir() if p.suffix.lower() in (".jpg", ".png"))
 
 
+@pytest.mark.slow  # the variant fixtures are requested by name: the shared_variants marking cannot see them
 @pytest.mark.parametrize("variant", ["fast_int8", "fast_int8_portable", "fast_int8_full_range"])
 def test_fast_int8_keeps_fp32s_confident_classes_and_meets_the_floor(request, spec, variant):
     """Expectations from FP32 on this machine: on each photo INT8 finds every class FP32 finds with score >=
