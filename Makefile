@@ -15,12 +15,20 @@ $(STAMP): requirements.txt pyproject.toml
 	$(BIN)/pip install --quiet --no-deps -e .
 	touch $(STAMP)
 
+# qemu-user runs ONNX Runtime's AVX2 kernels on any x86 host (tests/unit/test_int8_emulated.py); best effort
+EMULATOR := $(VENV)/.emulator
+$(EMULATOR): $(STAMP)
+	@command -v qemu-x86_64 >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+		timeout 600 sh -c 'apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq qemu-user' \
+		>/dev/null 2>&1; } || echo "qemu-user not installed: the emulated-AVX2 INT8 test will skip"
+	touch $@
+
 setup: $(STAMP)
 
 demo: setup
 	$(BIN)/edgestack demo --images $(FIXTURES)/images --out out/demo
 
-test: setup
+test: setup $(EMULATOR)
 	$(BIN)/python -m pytest -ra
 
 lint: setup
