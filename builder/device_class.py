@@ -218,15 +218,6 @@ def target_classes(target: str) -> tuple[str, ...]:
     return TARGET_CLASSES[target]
 
 
-def fit_problem(classes: ArtifactClasses, device: Iterable[str]) -> str | None:
-    """None when an artifact fits a device of these classes, else why not (for the agent's refusal)."""
-    device = tuple(device)
-    if classes.fits(device):
-        return None
-    return (f"built for device class(es) {', '.join(classes.built_for)}; this device is "
-            f"{', '.join(device)}: install a bundle built for this class")
-
-
 def main() -> int:
     """`edgestack device-info`: this device's descriptor as JSON."""
     print(json.dumps(detect().to_dict(), indent=2))
