@@ -68,14 +68,9 @@ def unverified_here(signed: Mapping[str, Any], device_classes: tuple[str, ...]) 
 def repository_variant_manifest(model_version_dir: Path, model_name: str) -> dict[str, Any] | None:
     """The build manifest of the optimized variant a rendered repository serves as `model_name` (recorded in its
     <name>.pipeline.json by `edgestack build --variant`), or None when the folder is not such a repository's."""
-    import json
+    from sidecar.golden import pipeline_records
 
-    repository = Path(model_version_dir).resolve().parent.parent
-    for path in sorted(repository.glob("*.pipeline.json")):
-        try:
-            record = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise BundleError(f"cannot read {path}: {exc}") from exc
-        if f"{record.get('spec', {}).get('name')}_detector" == model_name and record.get("variant", {}).get("manifest"):
+    for record in pipeline_records(Path(model_version_dir).resolve().parent.parent, model_name).values():
+        if record.get("variant", {}).get("manifest"):
             return record["variant"]["manifest"]
     return None

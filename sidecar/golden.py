@@ -105,19 +105,26 @@ def reference_from_spec(path: Path) -> Reference:
     return Reference(spec.model_path, pipeline_settings(spec), f"spec {path}")
 
 
+def pipeline_records(repository: Path, detector_model: str | None = None) -> dict[Path, dict[str, Any]]:
+    """The <name>.pipeline.json records of a rendered repository (only the one whose detector is detector_model,
+    when given), by path; GoldenSetError (a BundleError) when one is unreadable."""
+    records = {}
+    for path in sorted(Path(repository).glob(f"*{PIPELINE_SUFFIX}")):
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise GoldenSetError(f"cannot read {path}: {exc}") from exc
+        if detector_model is None or f"{record.get('spec', {}).get('name')}_detector" == detector_model:
+            records[path] = record
+    return records
+
+
 def reference_from_repository(repository: Path, detector_model: str | None = None, *,
                               check_model: bool = True) -> Reference:
     """The settings the repository was rendered with: the .pipeline.json of the pipeline whose detector is
     detector_model (or the only one). With check_model, its source model must be the file it was rendered from."""
     repository = Path(repository)
-    records = {}
-    for path in sorted(repository.glob(f"*{PIPELINE_SUFFIX}")):
-        try:
-            records[path] = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise GoldenSetError(f"cannot read {path}: {exc}") from exc
-    if detector_model is not None:
-        records = {p: r for p, r in records.items() if f"{r.get('spec', {}).get('name')}_detector" == detector_model}
+    records = pipeline_records(repository, detector_model)
     if len(records) != 1:
         found = "no" if not records else f"{len(records)}"
         for_model = f" for {detector_model}" if detector_model else ""
