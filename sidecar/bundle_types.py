@@ -10,6 +10,10 @@ from typing import Any, Mapping
 from sidecar.errors import BundleError
 
 
+# how far the gate lets a reproduced score move; detections this close to the score threshold may come or go
+SCORE_TOLERANCE = 0.05
+
+
 @dataclass(frozen=True)
 class ExpectedOutput:
     """A sample input (encoded image bytes, base64 in JSON) and the detections the model must reproduce."""

@@ -26,11 +26,10 @@ from backends.common import files
 from backends.common.files import IMAGE_SUFFIXES, sha256_file
 from backends.common.settings import PipelineSettings
 from backends.errors import SettingsError
-from sidecar.bundle_types import ExpectedOutput
+from sidecar.bundle_types import SCORE_TOLERANCE, ExpectedOutput, parse_expected_output
 from sidecar.errors import GoldenSetError
 
 PIPELINE_SUFFIX = ".pipeline.json"  # builder.repository.PIPELINE_FILE_SUFFIX
-GATE_SCORE_TOLERANCE = 0.05  # sidecar.health.StageThresholds.score_tolerance of every stage
 
 
 @dataclass(frozen=True)
@@ -40,7 +39,7 @@ class GoldenCriteria:
     min_detections: int = 4  # confident detections over the whole set
     min_images: int = 2  # images with at least one confident detection
     min_classes: int = 2  # distinct classes among the confident detections
-    margin: float = GATE_SCORE_TOLERANCE  # confident: score >= score threshold + margin
+    margin: float = SCORE_TOLERANCE  # confident: score >= score threshold + margin
 
     def __post_init__(self) -> None:
         for name in ("min_detections", "min_images", "min_classes"):
@@ -224,8 +223,6 @@ def make_golden_set(reference: Reference, images: Iterable[Path],
 
 def read_expected(data: Any, where: str) -> tuple[list[ExpectedOutput], dict[str, Any] | None]:
     """A JSON list of expected outputs (hand-written), or a golden file ({"golden", "expected_outputs"})."""
-    from sidecar.bundle_types import parse_expected_output
-
     golden = None
     if isinstance(data, Mapping):
         golden, data = data.get("golden"), data.get("expected_outputs")

@@ -28,7 +28,7 @@ import numpy as np
 from backends.common import tensors as T
 from backends.common.settings import PostprocessSettings, PreprocessSettings
 from backends.errors import SettingsError
-from sidecar.bundle_types import ExpectedOutput
+from sidecar.bundle_types import SCORE_TOLERANCE, ExpectedOutput
 from sidecar.errors import HealthGateError, SidecarError, TritonControlError
 from sidecar.latency import check_latency
 from sidecar.triton_control import TritonControl, VersionStats
@@ -42,7 +42,7 @@ class StageThresholds:
     probation_latency_factor: float  # compute_infer per inference <= factor x the previous version's
     latency_slack_ms: float = 30.0
     iou_min: float = 0.9
-    score_tolerance: float = 0.05
+    score_tolerance: float = SCORE_TOLERANCE
     warmup_requests: int = 2
     latency_min_rounds: int = 10  # the interval of the median needs n >= 10 at alpha 0.001
     latency_max_rounds: int = 40
