@@ -76,7 +76,8 @@ def _mapping(data: Any, what: str) -> Mapping[str, Any]:
 
 @dataclass(frozen=True)
 class BundleRef:
-    """Where a device fetches a signed bundle (HTTP(S)), with the size and sha256 the download is checked against."""
+    """Where a device fetches a signed bundle: an HTTP(S) URL (the registry's artifact proxy, S3, any file server)
+    or, on one host, an absolute path; with the size and sha256 the download is checked against."""
     url: str
     sha256: str
     size: int
@@ -92,6 +93,37 @@ class BundleRef:
         if not isinstance(size, int) or size <= 0:
             raise ProtocolError(f"bundle.size must be a positive integer, not {size!r}")
         return cls(url=url, sha256=sha, size=size)
+
+
+@dataclass(frozen=True)
+class Release:
+    """A registered model version as a rollout needs it (fleet.registry resolves one): the signed bundle for
+    each device class it was built for, and what was measured per class before release."""
+    model: str  # the Triton model the bundles update, e.g. detect_detector
+    version: str  # semantic version
+    bundles: Mapping[str, BundleRef]  # device class -> bundle
+    metrics: Mapping[str, Mapping[str, float]] = field(default_factory=dict)  # device class -> fidelity, p50_ms...
+    registry_version: str | None = None  # the registry's own version number, for the record
+
+    def bundle_for(self, device_classes: tuple[str, ...] | list[str]) -> BundleRef | None:
+        """The bundle for the first of a device's classes (most specific first) that has one; None: not eligible."""
+        return next((self.bundles[c] for c in device_classes if c in self.bundles), None)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": self.model, "version": self.version, "registry_version": self.registry_version,
+                "bundles": {c: asdict(b) for c, b in self.bundles.items()},
+                "metrics": {c: dict(m) for c, m in self.metrics.items()}}
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "Release":
+        d = _mapping(data, "release")
+        bundles = _mapping(d.get("bundles"), "release.bundles")
+        if not bundles:
+            raise ProtocolError("release.bundles is empty: no device class can install it")
+        return cls(model=check_token(d.get("model"), "release.model"), version=_field(d, "version", str, "release"),
+                   bundles={str(c): BundleRef.from_dict(b) for c, b in bundles.items()},
+                   metrics={str(c): dict(m) for c, m in _mapping(d.get("metrics") or {}, "release.metrics").items()},
+                   registry_version=_field(d, "registry_version", str, "release", optional=True))
 
 
 @dataclass(frozen=True)
