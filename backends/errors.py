@@ -11,6 +11,7 @@ EdgestackError                 (this module; edgestack.errors re-exports it)
  +-- SettingsError             (this module) a step's settings (backends.common.settings) are missing or invalid
  +-- BuilderError              (builder.errors) a spec, config, target or model variant cannot be built
  +-- SidecarError              (sidecar.errors) trust, bundles, deltas, downloads, Triton control, gate, state
+ +-- FleetError                (fleet.errors) bus documents, NATS transport, registry, rollout strategy and commands
  +-- ServerError, ClientError  (edgestack.errors) tritonserver or a detection request failed
  +-- LoadTestError             (edgestack.load) the load test could not be run
 
