@@ -62,10 +62,12 @@ _VERSION_NUMBER = re.compile(r"^[1-9]\d*$")
 
 
 def quiet_mlflow_environment(env: dict[str, str] | os._Environ = os.environ) -> None:
-    """MLflow's switches for usage telemetry and its INFO logging (database migrations, run links)."""
+    """MLflow's switches for usage telemetry, its INFO logging (database migrations) and the run links it
+    prints to stdout when a run ends."""
     env.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     env.setdefault("DO_NOT_TRACK", "true")
     env.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    env.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 
 def default_registry_uri() -> str:
