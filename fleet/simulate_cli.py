@@ -1,7 +1,7 @@
 """`edgestack fleet simulate`: run N simulated devices against a NATS server until Ctrl-C or --duration.
 
   edgestack fleet simulate --nats nats://127.0.0.1:4222 --devices 10000 --faults default --seed 7 \
-      [--bad-class cuda-sm87[:accuracy|latency|errors|install]] [--duration 300] [--timeline FILE]
+      [--bad-class cuda-sm87[:accuracy|latency|errors|install[=AMOUNT]]] [--duration 300] [--timeline FILE]
 
 Every --progress-every seconds one line: devices up, reports sent (and per second), lies, send errors, and the
 devices per version and install state; with --timeline the same as JSON lines (fleet.simulate.timeline_line)
@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from fleet.simulate import FleetSimulator, make_devices, timeline_line
-from fleet.simulate_faults import (BAD_EFFECTS, DEFAULT_CLASS_MIX, DEFAULT_FAULTS, FAULTS, BadClass, ClassMix,
+from fleet.simulate_faults import (BAD_AMOUNTS, BAD_EFFECTS, DEFAULT_CLASS_MIX, DEFAULT_FAULTS, FAULTS, BadClass, ClassMix,
                                    FaultSpec, MetricModel)
 
 
@@ -33,8 +33,9 @@ def add_commands(fleet_subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--faults", default="default",
                         help=f"'none', 'default' ({DEFAULT_FAULTS}) or NAME=FRACTION,... of {', '.join(FAULTS)}")
     parser.add_argument("--class-mix", default=DEFAULT_CLASS_MIX, help=f"CLASS=SHARE,... (default {DEFAULT_CLASS_MIX})")
-    parser.add_argument("--bad-class", metavar="CLASS[:EFFECT]",
-                        help=f"the update is bad on this class; EFFECT one of {', '.join(BAD_EFFECTS)} (accuracy)")
+    parser.add_argument("--bad-class", metavar="CLASS[:EFFECT[=AMOUNT]]",
+                        help=f"the update is bad on this class; EFFECT one of {', '.join(BAD_EFFECTS)} (accuracy), "
+                             f"AMOUNT: fidelity lost, latency factor or error percent (default {BAD_AMOUNTS})")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--interval", type=float, default=5.0, help="report interval in seconds (default 5)")
     parser.add_argument("--install-s", type=float, default=2.0, help="simulated install duration (default 2 s)")
@@ -67,7 +68,7 @@ def _progress(snapshot: dict[str, Any], started: float, reports_before: int, per
 
 
 async def simulate(args: argparse.Namespace) -> int:
-    from fleet.transport import connect
+    from fleet.transport import NatsFleetBus
 
     faults, mix = FaultSpec.parse(args.faults), ClassMix.parse(args.class_mix)
     bad = BadClass.parse(args.bad_class) if args.bad_class else None
@@ -81,7 +82,7 @@ async def simulate(args: argparse.Namespace) -> int:
         loop.add_signal_handler(sig, stop.set)
     if args.duration > 0:
         loop.call_later(args.duration, stop.set)
-    bus = await connect(args.nats)
+    bus = await NatsFleetBus.connect(args.nats, name=f"simulator-{args.prefix}")
     timeline = Path(args.timeline).open("a", encoding="utf-8") if args.timeline else None
     try:
         sim = FleetSimulator(bus, devices, interval_s=args.interval, install_s=args.install_s, faults=faults,

@@ -9,8 +9,9 @@
                            restart: it registers again, its report seq starts at 1, and it acts on its desired state
                  silent    registers and acts on its desired state but never reports
                  liar      reports metrics out of range (accuracy 1.7, negative latency, p99 below p50) or garbage
-  BadClass     the new version on one class: "accuracy" (fidelity drops), "latency" (p50/p99 up), "errors"
-               (error rate up) or "install" (the health gate refuses it: install failed)
+  BadClass     "cuda-sm87:accuracy=0.02": the new version on one class is bad: "accuracy" (fidelity drops),
+               "latency" (p50/p99 up), "errors" (error rate up) or "install" (the health gate refuses it), by
+               an amount (BAD_AMOUNTS by default)
   MetricModel  per-class latency, error rate, fidelity and power with noise, and what an update changes
 
 Every parse error is a FaultSpecError (a FleetError) naming the field and what fits. Nothing here does I/O.
@@ -27,6 +28,7 @@ from fleet.protocol import Metrics
 
 FAULTS = ("offline", "slow", "flapping", "silent", "liar")
 BAD_EFFECTS = ("accuracy", "latency", "errors", "install")
+BAD_AMOUNTS = {"accuracy": 0.10, "latency": 1.8, "errors": 8.0, "install": 0.0}
 
 DEFAULT_CLASS_MIX = "x86-vnni=0.4,x86-avx2=0.3,arm64-neon=0.2,cuda-sm87=0.1"
 DEFAULT_FAULTS = "offline=0.02,slow=0.05,flapping=0.03,silent=0.01,liar=0.01"
@@ -139,25 +141,39 @@ class FaultSpec:
 
 @dataclass(frozen=True)
 class BadClass:
-    """The update is bad on one device class, in one way."""
+    """The update is bad on one device class, in one way, by `amount` (None: the effect's default, BAD_AMOUNTS):
+    accuracy: fidelity lost (0..1), latency: p50/p99 factor, errors: percent of requests failing."""
     device_class: str
     effect: str = "accuracy"
+    amount: float | None = None
 
     @classmethod
     def parse(cls, text: str) -> "BadClass":
-        """CLASS or CLASS:EFFECT (EFFECT one of BAD_EFFECTS; accuracy by default)."""
+        """CLASS, CLASS:EFFECT or CLASS:EFFECT=AMOUNT (EFFECT one of BAD_EFFECTS; accuracy by default)."""
         name, _, effect = text.partition(":")
         try:
             check_class(name.strip())
         except ValueError as error:
             raise FaultSpecError(f"bad class: {error}") from None
-        effect = effect.strip() or "accuracy"
+        effect, sep, amount_text = (effect.strip() or "accuracy").partition("=")
         if effect not in BAD_EFFECTS:
             raise FaultSpecError(f"bad class: effect {effect!r} unknown; one of {', '.join(BAD_EFFECTS)}")
-        return cls(name.strip(), effect)
+        amount = None
+        if sep:
+            try:
+                amount = float(amount_text)
+            except ValueError:
+                raise FaultSpecError(f"bad class: {effect} amount {amount_text!r} is not a number") from None
+            if effect == "install" or amount <= 0 or (effect == "accuracy" and amount > 1):
+                raise FaultSpecError(f"bad class: {effect} amount {amount_text!r} does not fit: accuracy (0, 1] "
+                                     f"fidelity lost, latency a factor > 0, errors percent > 0, install none")
+        return cls(name.strip(), effect, amount)
+
+    def effect_amount(self) -> float:
+        return BAD_AMOUNTS[self.effect] if self.amount is None else self.amount
 
     def __str__(self) -> str:
-        return f"{self.device_class}:{self.effect}"
+        return f"{self.device_class}:{self.effect}" + ("" if self.amount is None else f"={self.amount:g}")
 
 
 @dataclass(frozen=True)
@@ -181,9 +197,6 @@ class MetricModel:
     """Metrics of one device for one interval. An update (any version but the shipped one) is slightly faster;
     on the bad class it is worse by the effect's amount."""
     bad: BadClass | None = None
-    accuracy_drop: float = 0.10  # fidelity, absolute
-    latency_factor: float = 1.8
-    bad_error_rate: float = 8.0  # percent
 
     @staticmethod
     def profile(device_class: str) -> ClassProfile:
@@ -202,11 +215,11 @@ class MetricModel:
         accuracy = BASE_ACCURACY + rng.gauss(0.0, 0.004) + (0.002 if updated else 0.0)
         error_rate = rng.expovariate(1.0 / BASE_ERROR_RATE)
         if bad == "latency":
-            p50 *= self.latency_factor
+            p50 *= self.bad.effect_amount()
         elif bad == "accuracy":
-            accuracy -= self.accuracy_drop
+            accuracy -= self.bad.effect_amount()
         elif bad == "errors":
-            error_rate += self.bad_error_rate
+            error_rate += self.bad.effect_amount()
         p99 = p50 * (1.6 + abs(rng.gauss(0.0, 0.25)))
         requests = max(0, round(profile.requests_per_s * interval_s * rng.uniform(0.7, 1.3)))
         return Metrics(requests=requests, p50_ms=round(p50, 2), p99_ms=round(p99, 2),

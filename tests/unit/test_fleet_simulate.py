@@ -73,7 +73,10 @@ def test_parse_errors_name_the_field():
         ClassMix.parse("x86-zen=0.5")
     with pytest.raises(FaultSpecError, match="effect 'slowness' unknown"):
         BadClass.parse("cuda-sm87:slowness")
+    with pytest.raises(FaultSpecError, match="accuracy amount '2' does not fit"):
+        BadClass.parse("cuda-sm87:accuracy=2")
     assert BadClass.parse("cuda-sm87") == BadClass("cuda-sm87", "accuracy")
+    assert BadClass.parse("cuda-sm87:accuracy=0.02").effect_amount() == 0.02
     assert FaultSpec.parse("none").shares == {}
     assert set(FaultSpec.parse("default").shares) == {"offline", "slow", "flapping", "silent", "liar"}
 
