@@ -119,6 +119,7 @@ class Rollout:
     unwritten: int | None = None  # generation whose desired states may not all be written
     max_generation: int = 0
     revert: dict[str, Any] | None = None  # {reason, triggered_at, written_at, reverted_at, seconds, unconfirmed}
+    fresh_events: list[dict[str, Any]] = field(default_factory=list, repr=False, compare=False)  # not persisted
 
     @property
     def terminal(self) -> bool:
@@ -133,6 +134,7 @@ class Rollout:
         entry = {"time": round(now, 3), "event": event, "state": self.state.value, "stage": self.stage,
                  "reason": reason, **{k: v for k, v in details.items() if v is not None}}
         self.events.append(entry)
+        self.fresh_events.append(entry)
         del self.events[:-MAX_EVENTS]
         return entry
 
@@ -140,8 +142,9 @@ class Rollout:
         self.max_generation = max(int(now * 1000), self.max_generation + 1)
         return self.max_generation
 
-    def add_analysis(self, verdict: Verdict) -> None:
-        self.analyses.append(verdict.to_dict())
+    def add_analysis(self, verdict: Verdict, before: Mapping[str, Aggregate]) -> None:
+        """Keep a round with the cohort's before-update baseline it was judged against."""
+        self.analyses.append({**verdict.to_dict(), "before": {k: v.to_dict() for k, v in before.items()}})
         del self.analyses[:-MAX_ANALYSES]
 
     def stage_devices(self, stage: int | None = None) -> dict[str, Assignment]:
