@@ -152,6 +152,8 @@ def index_bundles(bundles: Sequence[BundleInfo]) -> dict[str, BundleInfo]:
         if (info.model_name, info.model_version) != (first.model_name, first.model_version):
             raise RegistryError(f"{info.path.name} is {info.model_name} {info.model_version}, {first.path.name} is "
                                 f"{first.model_name} {first.model_version}: one push publishes one model version")
+        if info.path.name in names and info.path.resolve() == names[info.path.name].resolve():
+            raise RegistryError(f"{info.path} is given twice")
         if info.path.name in names:
             raise RegistryError(f"{info.path} and {names[info.path.name]} have the same file name; rename one")
         names[info.path.name] = info.path
