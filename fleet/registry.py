@@ -198,7 +198,9 @@ class Registry:
             found = self._by_semver(model, ref)
             if not found:
                 raise RegistryError(f"{model} has no version with semver {ref}")
-            return found[0]
+            ref = str(found[0].version)  # searches leave a version's aliases out: read it whole
+            with self._mlflow(f"{model} version {ref}"):
+                return self.client.get_model_version(model, ref)
         with self._mlflow(f"{model} alias {ref!r}"):
             return self.client.get_model_version_by_alias(model, ref)
 
@@ -207,15 +209,17 @@ class Registry:
             found = self.client.search_model_versions(f"name='{model}' and tag.`{TAG_SEMVER}`='{semver}'")
         return sorted(found, key=lambda v: int(v.version))
 
-    def _record(self, version) -> ModelVersionRecord:
+    def _record(self, version, aliases: Sequence[str] | None = None) -> ModelVersionRecord:
         tags = dict(version.tags or {})
+        if aliases is None:
+            aliases = getattr(version, "aliases", None) or ()
         bundles = {key[len(TAG_BUNDLE):]: BundleEntry(**_json_tag(tags, key, {}))
                    for key in sorted(tags) if key.startswith(TAG_BUNDLE)}
         metrics = {key[len(TAG_METRICS):]: _json_tag(tags, key, {})
                    for key in sorted(tags) if key.startswith(TAG_METRICS)}
         return ModelVersionRecord(
             model=version.name, registry_version=str(version.version), semver=tags.get(TAG_SEMVER),
-            aliases=tuple(sorted(getattr(version, "aliases", None) or ())), bundles=bundles, metrics=metrics,
+            aliases=tuple(sorted(aliases)), bundles=bundles, metrics=metrics,
             build_manifest=_json_tag(tags, TAG_MANIFEST, {}), changelog=version.description or "",
             build_time=tags.get(TAG_BUILD_TIME), registered_at=_iso(version.creation_timestamp),
             target=tags.get(TAG_TARGET), run_id=version.run_id, artifact_uri=tags.get(TAG_ARTIFACT_URI))
@@ -289,7 +293,13 @@ class Registry:
         where = f"name='{_model(model)}'" if model is not None else ""
         with self._mlflow(f"list {model or 'models'}"):
             versions = self.client.search_model_versions(where, max_results=10_000)
-        records = [self._record(v) for v in versions if TAG_SEMVER in (v.tags or {})]
+        ours = [v for v in versions if TAG_SEMVER in (v.tags or {})]
+        aliases: dict[tuple[str, str], list[str]] = {}
+        for name in sorted({v.name for v in ours}):  # searches leave aliases out; the registered model has them
+            with self._mlflow(f"aliases of {name}"):
+                for alias, number in self.client.get_registered_model(name).aliases.items():
+                    aliases.setdefault((name, str(number)), []).append(alias)
+        records = [self._record(v, aliases.get((v.name, str(v.version)), [])) for v in ours]
         return sorted(records, key=lambda r: (r.model, -int(r.registry_version)))
 
     def show(self, model: str, ref: str) -> ModelVersionRecord:
