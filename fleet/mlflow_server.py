@@ -101,12 +101,19 @@ class MlflowServer:
         while time.monotonic() < deadline:
             if self.process is not None and self.process.poll() is not None:
                 raise RegistryError(f"mlflow server exited with code {self.process.returncode} while starting "
-                                    f"(port {self.port} taken? backend {self.backend_store_uri} unreachable?); "
-                                    f"log: {self.log_path}")
+                                    f"(port {self.port} taken? backend {self.backend_store_uri} unreachable?)"
+                                    f"{self._last_log_line()}; log: {self.log_path}")
             if self.is_ready():
                 return
             time.sleep(0.2)
         raise RegistryError(f"mlflow server was not ready within {timeout_s:.0f}s on {self.url}; log: {self.log_path}")
+
+    def _last_log_line(self) -> str:
+        try:
+            lines = self.log_path.read_text(errors="replace").strip().splitlines() if self.log_path else []
+        except OSError:
+            return ""
+        return f": {lines[-1][:300]}" if lines else ""
 
     def stop(self, timeout_s: float = 15.0) -> None:
         """SIGTERM the server's process group (mlflow, uvicorn and its worker), SIGKILL it if it lingers."""
