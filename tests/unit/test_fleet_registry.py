@@ -176,6 +176,15 @@ def test_push_verifies_against_a_root_when_given(registry, make, keys, tmp_path)
     record = registry.push([make("signed.tar", model="m_root")], root_json=root)
     assert record.semver == "1.2.0"
 
+    base = tmp_path / "model" / "1"
+    changed = tmp_path / "model2" / "1"
+    changed.mkdir(parents=True)
+    (changed / "model.onnx").write_bytes((base / "model.onnx").read_bytes()[:3000] + os.urandom(1000))
+    delta = create_bundle(changed, tmp_path / "delta.tar", model_name="m_root", model_version="1.3.0", target="cpu",
+                          metadata_version=2, keys=keys["bundle"], expires=EXPIRES, base_dir=base,
+                          base_model_version="1.2.0", device_classes=ArtifactClasses(("x86-avx2",)))
+    assert registry.push([delta], root_json=root).semver == "1.3.0"  # metadata verified; files need the base
+
 
 def test_metrics_from_an_optimize_report(registry, make, tmp_path):
     report = tmp_path / "report.json"
