@@ -10,7 +10,8 @@ tick():
         interval, roll back after failure_limit failed rounds (or an inconclusive one, per policy), pause on an
         inconclusive round (policy pause), promote when the stage's duration has passed and its last round passed
         ROLLING_BACK/ABORTING: finished when every reverted device reports its previous version (devices silent
-        since the revert was written, for longer than max_device_staleness, are listed as unconfirmed)
+        or lying since the revert was written, for longer than max_device_staleness, are listed as unconfirmed:
+        their desired state stays the previous version)
 Every step saves the record BEFORE its side effect (writing desired states), and a write is repeated after a
 restart with the same generation, so a controller killed at any point (SIGKILL) resumes from the bucket. The
 first analysis after a start waits one interval, so reports lost with the old process are replaced by fresh ones.
@@ -357,11 +358,16 @@ class Controller:
             if isinstance(message, Report) and message.generation >= a.generation \
                     and message.model_version == a.version_before:
                 continue
-            if received < written_at and now - written_at > staleness:
+            silent = received < written_at or not isinstance(message, Report)  # nothing since, or only lies
+            if silent and now - written_at > staleness:
                 unconfirmed.append(device_id)
             else:
                 waiting += 1
         if waiting:
+            if waiting != revert.get("waiting") and now - revert.get("progress_at", 0.0) >= \
+                    rollout.strategy.analysis.interval_s:
+                revert.update(waiting=waiting, progress_at=now)  # for the view; saved at most once an interval
+                await self._save(rollout, revision)
             return
         revert.update(reverted_at=now, seconds=round(now - revert["triggered_at"], 3), unconfirmed=unconfirmed)
         final = State.ROLLED_BACK if rollout.state is State.ROLLING_BACK else State.ABORTED

@@ -11,8 +11,8 @@ The controller (fleet.controller) keeps the record in the edgestack_rollouts buc
 compare-and-set after every step; `unwritten` names the generation whose desired states were decided but may not
 all be written yet, so a controller that restarts writes them again (same generation: devices act once).
 Generations are the controller's clock in milliseconds, raised above any this record used, so they grow for a
-device across stages and rollouts. Devices are stored grouped by (stage, action, generation, version before):
-10,000 device ids fit in about 150 KB. Baselines are per-class Aggregates (fleet.analysis), not per-device
+device across stages and rollouts. Devices are stored grouped by (stage, action, generation, version before,
+class): 10,000 device ids fit in about 150 KB. Baselines are per-class Aggregates (fleet.analysis), not per-device
 documents; the analysis history and the events are bounded.
 """
 from __future__ import annotations
@@ -154,17 +154,15 @@ class Rollout:
     def to_dict(self) -> dict[str, Any]:
         groups: dict[tuple, list[str]] = {}
         for device_id, a in self.assignments.items():
-            groups.setdefault((a.stage, a.action, a.generation, a.version_before), []).append(device_id)
-        by_class: dict[str, list[str]] = {}
-        for device_id, cls in self.classes.items():
-            by_class.setdefault(cls, []).append(device_id)
+            key = (a.stage, a.action, a.generation, a.version_before, self.classes.get(device_id))
+            groups.setdefault(key, []).append(device_id)
         return {"format": RECORD_FORMAT, "id": self.id, "release": self.release.to_dict(),
                 "strategy": self.strategy.to_dict(), "state": self.state.value, "stage": self.stage,
                 "created_at": self.created_at, "stage_started_at": self.stage_started_at,
                 "last_analysis_at": self.last_analysis_at, "consecutive_failures": self.consecutive_failures,
                 "assignments": [{"stage": k[0], "action": k[1], "generation": k[2], "version_before": k[3],
-                                 "devices": v} for k, v in groups.items()],
-                "classes": by_class, "ineligible": self.ineligible,
+                                 "class": k[4], "devices": v} for k, v in groups.items()],
+                "ineligible": self.ineligible,
                 "baselines": {str(k): {s: a.to_dict() for s, a in v.items()} for k, v in self.baselines.items()},
                 "analyses": self.analyses, "events": self.events, "command_seq": self.command_seq,
                 "unwritten": self.unwritten, "max_generation": self.max_generation, "revert": self.revert}
@@ -182,7 +180,7 @@ class Rollout:
                        stage=int(data["stage"]), created_at=float(data["created_at"]),
                        stage_started_at=data.get("stage_started_at"), last_analysis_at=data.get("last_analysis_at"),
                        consecutive_failures=int(data.get("consecutive_failures", 0)), assignments=assignments,
-                       classes={d: c for c, devices in data.get("classes", {}).items() for d in devices},
+                       classes={d: g["class"] for g in data["assignments"] if g.get("class") for d in g["devices"]},
                        ineligible=dict(data.get("ineligible", {})),
                        baselines={int(k): {s: Aggregate.from_dict(a) for s, a in v.items()}
                                   for k, v in data.get("baselines", {}).items()},

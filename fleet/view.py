@@ -82,7 +82,7 @@ def render(rollout: Rollout, now: float | None = None) -> str:
         r = rollout.revert
         lines += ["", _cut(f"revert: {r['reason']}")]
         done = (f"all back in {r['seconds']:g}s" if r.get("seconds") is not None else
-                f"waiting for devices since {_clock(r.get('written_at') or r['triggered_at'])}")
+                f"{r.get('waiting', r['devices'])} not back yet (written {_clock(r.get('written_at'))})")
         unconfirmed = r.get("unconfirmed") or []
         lines.append(_cut(f"  {r['devices']} devices, triggered {_clock(r['triggered_at'])}, {done}"
                           + (f", {len(unconfirmed)} silent: {' '.join(unconfirmed[:5])}" if unconfirmed else "")))

@@ -279,3 +279,18 @@ def test_a_controller_that_dies_between_any_two_steps_is_resumed_by_the_next(met
         assert len(acted) == len(set(acted)) == len(h.fleet.devices)  # each device installed once
         assert {d.version for d in h.fleet.devices.values()} == {"1.1.0"}
     run(scenario())
+
+
+def test_a_device_silent_during_the_rollback_does_not_hold_it_forever_and_is_listed():
+    h = Harness(make_devices(bad_class="arm64-neon"))
+
+    async def scenario():
+        await h.start()
+        record = await h.drive(lambda r: r.state is State.ROLLING_BACK)
+        gone = sorted(record.assignments)[0]
+        h.fleet.devices[gone].behaviour = "silent"
+        h.fleet.devices[gone].act = lambda desired: None  # offline: never sees the rollback
+        record = await h.drive(lambda r: r.terminal)
+        assert record.state is State.ROLLED_BACK and record.revert["unconfirmed"] == [gone]
+        assert (await h.bus.get_desired(gone)).action == "rollback"  # it rolls back when it comes back
+    run(scenario())
