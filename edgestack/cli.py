@@ -163,6 +163,7 @@ def make_parser() -> argparse.ArgumentParser:
     device.set_defaults(func=cmd_device_info)
 
     from edgestack import latency_budget, load, optimize_cli
+    from fleet import cli as fleet_cli
     from sidecar import cli as sidecar_cli
     from sidecar import daemon_cli
 
@@ -171,6 +172,7 @@ def make_parser() -> argparse.ArgumentParser:
     load.add_parser(sub)
     sidecar_cli.add_parser(sub)
     daemon_cli.add_parser(sub)
+    fleet_cli.add_parsers(sub)
     return parser
 
 
