@@ -358,7 +358,7 @@ class Controller:
             if isinstance(message, Report) and message.generation >= a.generation \
                     and message.model_version == a.version_before:
                 continue
-            silent = received < written_at or not isinstance(message, Report)  # nothing since, or only lies
+            silent = received <= written_at or not isinstance(message, Report)  # nothing since, or only lies
             if silent and now - written_at > staleness:
                 unconfirmed.append(device_id)
             else:

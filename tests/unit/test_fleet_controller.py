@@ -286,11 +286,18 @@ def test_a_device_silent_during_the_rollback_does_not_hold_it_forever_and_is_lis
 
     async def scenario():
         await h.start()
-        record = await h.drive(lambda r: r.state is State.ROLLING_BACK)
-        gone = sorted(record.assignments)[0]
-        h.fleet.devices[gone].behaviour = "silent"
-        h.fleet.devices[gone].act = lambda desired: None  # offline: never sees the rollback
+        record = await h.drive(lambda r: r.stage_started_at is not None)
+        gone = h.fleet.devices[sorted(record.assignments)[0]]
+        install = gone.act
+
+        def offline_when_the_rollback_comes(desired):
+            if desired is not None and desired.action == "rollback":
+                gone.behaviour = "silent"
+            else:
+                install(desired)
+        gone.act = offline_when_the_rollback_comes
         record = await h.drive(lambda r: r.terminal)
-        assert record.state is State.ROLLED_BACK and record.revert["unconfirmed"] == [gone]
-        assert (await h.bus.get_desired(gone)).action == "rollback"  # it rolls back when it comes back
+        assert record.state is State.ROLLED_BACK and record.revert["unconfirmed"] == [gone.device_id]
+        assert gone.version == "1.1.0" and (await h.bus.get_desired(gone.device_id)).action == "rollback"
+        assert "1 silent (unconfirmed)" in record.events[-1]["reason"]
     run(scenario())
