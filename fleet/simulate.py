@@ -257,7 +257,7 @@ class FleetSimulator:
 
     # --- I/O ------------------------------------------------------------------------------------------------
 
-    async def _send(self, items: Iterable[Outgoing]) -> None:
+    async def send(self, items: Iterable[Outgoing]) -> None:
         """Registrations, reports and garbage, SEND_CHUNK at a time with their acks awaited together; a failed
         send is counted, never stops the others."""
         items = list(items)
@@ -292,17 +292,18 @@ class FleetSimulator:
 
     async def start(self) -> None:
         """Register every device (offline ones too: the fleet knew them before they went dark)."""
-        await self._send(d.registration() for d in self.devices)
+        await self.send(d.registration() for d in self.devices)
         self.schedule_start(self.clock())
 
-    async def _watch(self) -> None:
+    async def watch(self) -> None:
+        """Feed every device from ONE wildcard watch of the desired-state bucket (run() runs it)."""
         async for device_id, desired in self.bus.watch_desired(None):
             self.on_desired(device_id, desired, self.clock())
 
     async def run(self, stop: asyncio.Event, *, on_tick: Callable[[], None] | None = None,
                   tick_s: float = 0.05) -> None:
         """Until `stop` is set: watch, step and send. `on_tick` is called about every tick (progress output)."""
-        watcher = asyncio.create_task(self._watch())
+        watcher = asyncio.create_task(self.watch())
         try:
             while not stop.is_set():
                 if watcher.done():
@@ -310,7 +311,7 @@ class FleetSimulator:
                     raise FleetError("the desired-state watch ended")
                 out = self.step(self.clock())
                 if out:
-                    await self._send(out)
+                    await self.send(out)
                 if on_tick is not None:
                     on_tick()
                 due = self.next_due()
@@ -326,11 +327,23 @@ class FleetSimulator:
     # --- what happened --------------------------------------------------------------------------------------
 
     def snapshot(self) -> dict[str, Any]:
-        """Counts of devices by (version, state) among those up now, and the totals; one line of a timeline."""
+        """Counts of devices by (version, state) among those up now, per rollout its stage devices (reachable,
+        rolled back, the last revert's wall time), and the totals; one line of a timeline."""
         up = [d for d in self.devices if d.up]
         by = Counter(f"{d.version or 'shipped'}|{d.install_state}" for d in up)
+        stages: dict[str, dict[str, Any]] = {}
+        for device in self.devices:
+            for rollout_id in device.in_stage:
+                stage = stages.setdefault(rollout_id, {"devices": 0, "reachable": 0, "rolled_back": 0,
+                                                       "last_reverted_at": None})
+                stage["devices"] += 1
+                stage["reachable"] += device.reachable
+                if device.install_state == "rolled_back" and device.reachable:
+                    stage["rolled_back"] += 1
+                    stage["last_reverted_at"] = max(stage["last_reverted_at"] or 0.0, device.reverted_at or 0.0)
         return {"wall": round(self.wall(), 3), "up": len(up), "devices": len(self.devices),
-                "by_version_state": dict(sorted(by.items())), "stats": dataclasses.asdict(self.stats)}
+                "by_version_state": dict(sorted(by.items())), "stages": stages,
+                "stats": dataclasses.asdict(self.stats)}
 
     def stage_devices(self, rollout_id: str | None = None) -> list[SimDevice]:
         """Devices asked to install by the rollout (by any rollout when None)."""

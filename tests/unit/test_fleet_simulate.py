@@ -10,7 +10,7 @@ from collections import Counter
 import pytest
 
 from fleet.errors import ProtocolError
-from fleet.protocol import BundleRef, DesiredState, Registration, Report
+from fleet.protocol import BundleRef, DesiredState, Registration, Release, Report
 from fleet.simulate import FleetSimulator, make_devices
 from fleet.simulate_faults import BadClass, ClassMix, FaultSpec, FaultSpecError, MetricModel
 
@@ -247,3 +247,62 @@ def test_run_over_a_bus_registers_reports_and_installs():
     assert sum(d.version == "1.1.0" for d in sim.devices) == 45
     assert all(d.version is None for d in sim.devices if d.fault == "offline")
     assert sim.snapshot()["by_version_state"] == {"1.1.0|installed": 45}
+
+
+def test_controller_rolls_back_the_bad_class_on_the_fake_bus():
+    """The real controller and 200 simulated devices with faults on the in-memory bus, one fake clock: the
+    canary of a release bad on cuda-sm87 is rolled back, the reason names the class, every reachable canary
+    device is back on the version it shipped with and no other device moved."""
+    from fleet.controller import Controller
+    from fleet.rollout import new_rollout
+    from fleet.strategy import Strategy
+    from tests.unit.fleet_fakes import Clock as EpochClock
+    from tests.unit.fleet_fakes import FakeBus
+
+    strategy = Strategy.from_dict({
+        "stages": [{"name": "canary", "percentage": 10, "duration": "60s",
+                    "rollback_trigger": {"accuracy_drop": 3.0}},
+                   {"name": "general_availability", "percentage": 100, "duration": "0s"}],
+        "analysis": {"interval": "5s", "failure_limit": 2, "inconclusive": "continue",
+                     "min_reporting_devices": 0.5, "max_device_staleness": "15s"}})
+    classes = ("x86-vnni", "x86-avx2", "arm64-neon", "cuda-sm87")
+    release = Release(model="detect_detector", version="1.1.0",
+                      bundles={c: BundleRef(url=f"http://r/{c}", sha256=f"{i + 1}" * 64, size=10)
+                               for i, c in enumerate(classes)})
+
+    async def scenario():
+        clock, bus = EpochClock(), FakeBus()
+        faults = FaultSpec.parse("offline=0.03,slow=0.03,flapping=0.03,silent=0.02")
+        sim = FleetSimulator(bus, make_devices(200, 5, faults, ClassMix.parse()), interval_s=5.0, install_s=2.0,
+                             faults=faults, metrics=MetricModel(bad=BadClass("cuda-sm87", "accuracy", 0.1)),
+                             clock=clock, wall=clock)
+        controller = Controller(bus, clock=clock, log=lambda entry: None)
+        await sim.start()
+        watcher = asyncio.create_task(sim.watch())
+
+        async def advance(seconds: float) -> None:
+            for _ in range(int(seconds / 0.5)):
+                clock.advance(0.5)
+                await sim.send(sim.step(clock()))
+                await asyncio.sleep(0)  # the watch hands new desired states to the devices
+                await controller.tick()
+
+        await advance(12)
+        rollout = new_rollout("r-bad", release, strategy, clock())
+        await bus.save_rollout(rollout.id, rollout.to_dict(), 0)
+        for _ in range(240):
+            await advance(0.5)
+            record = (await bus.load_rollout(rollout.id))[0]
+            if record["state"] == "ROLLED_BACK" and not sim.unreverted(None, rollout.id):
+                break
+        watcher.cancel()
+        return record, sim
+
+    record, sim = asyncio.run(scenario())
+    assert record["state"] == "ROLLED_BACK", record["events"][-3:]
+    assert "cuda-sm87" in record["revert"]["reason"] and record["stage"] == 0
+    canary = sim.stage_devices("r-bad")
+    assert {d.device_class for d in canary} == set(classes)
+    assert all(d.version is None for d in canary if d.reachable)
+    assert all(d.version is None for d in sim.devices)
+    assert all(d.install_state in ("idle", "rolled_back") for d in sim.devices if d.up)
