@@ -118,9 +118,10 @@ class Agent(RollbackMixin):
 
     def versions(self) -> dict[str, Any]:
         st = self.store.load() or AgentState()
-        return {"current": st.current, "previous": st.committed[-2] if len(st.committed) > 1 else None,
-                "kept": list(st.committed), "on_disk": self.disk_versions(),
-                "candidate": None if st.state in TERMINAL else st.candidate}
+        previous = st.committed[-2] if len(st.committed) > 1 else None
+        return {"current": st.current, "previous": previous, "kept": list(st.committed),
+                "on_disk": self.disk_versions(), "candidate": None if st.state in TERMINAL else st.candidate,
+                "current_model_version": st.semver(st.current), "previous_model_version": st.semver(previous)}
 
     def disk_versions(self) -> list[int]:
         return self.folders.versions()
@@ -296,10 +297,12 @@ class Agent(RollbackMixin):
         self.control.load_detector([version])
         if st.signed:
             self.trust.remember(st.signed)
-        committed = [v for v in st.committed if v != version] + [version]
+        committed = ([v for v in st.committed if v != version] + [version])[-self.keep_versions:]
+        if st.model_version:
+            st.model_versions[str(version)] = st.model_version
         st.note("committed", version=version, previous=prev, pin_s=round(pin_s, 3),
                 swap_s=None if started is None else round(time.monotonic() - started, 3))
-        self._advance(st, State.PROBATION, committed=committed[-self.keep_versions:])
+        self._advance(st, State.PROBATION, committed=committed, model_versions=st.kept_model_versions(committed))
 
     def _probation(self, st: AgentState) -> None:
         report = probation(self.control, st.candidate, st.baseline, self.thresholds, self.probation_s,

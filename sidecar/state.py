@@ -143,12 +143,24 @@ class AgentState:
     signed: dict[str, Any] | None = None  # candidate's verified metadata: to finish a commit after a crash
     baseline: dict[str, Any] | None = None  # previous version's statistics, for probation
     bad_bundles: dict[str, str] = field(default_factory=dict)  # metadata sha256 -> why it was verified bad
+    # committed version folder (as a string: JSON keys) -> semantic version from its signed metadata; a folder
+    # the device shipped with has none
+    model_versions: dict[str, str] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
     updated_at: str | None = None
 
     @property
     def current(self) -> int | None:
         return self.committed[-1] if self.committed else None
+
+    def semver(self, folder: int | None) -> str | None:
+        """The semantic version of a committed version folder; None for one the device shipped with (or a folder
+        no longer committed: a rollback leaves its entry until the next commit prunes it)."""
+        return self.model_versions.get(str(folder)) if folder in self.committed else None
+
+    def kept_model_versions(self, committed: list[int]) -> dict[str, str]:
+        """model_versions pruned to the folders of `committed`."""
+        return {k: v for k, v in self.model_versions.items() if int(k) in committed}
 
     def note(self, event: str, **details: Any) -> dict[str, Any]:
         entry = {"time": now_iso(), "event": event, "state": self.state.value,
@@ -175,6 +187,10 @@ class AgentState:
             raise StateError(f"agent state is inconsistent: {exc}") from exc
         if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in state.committed):
             raise StateError(f"committed versions must be positive integers, not {state.committed!r}")
+        if not isinstance(state.model_versions, dict) or not all(
+                isinstance(k, str) and k.isdigit() and isinstance(v, str) for k, v in state.model_versions.items()):
+            raise StateError(f"model_versions must map version folders to semantic versions, not "
+                             f"{state.model_versions!r}")
         if state.state not in TERMINAL and state.previous is None:
             raise StateError(f"state {state.state.value} without the previous version to fall back to")
         if state.state not in TERMINAL | {State.DOWNLOADING, State.VERIFYING} and state.candidate is None:

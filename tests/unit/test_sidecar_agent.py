@@ -283,3 +283,17 @@ def test_an_install_is_refused_while_another_is_interrupted(device):
     with pytest.raises(StateError, match="interrupted in HEALTH_GATE: run recover"):
         agent.install(device.bundle(2))
     assert agent.status()["recovery"].startswith("rollback: the gate did not finish")
+
+
+def test_versions_name_the_semver_of_the_current_and_previous_folders_through_a_rollback(device):
+    agent = device.agent(keep_versions=3)
+    assert agent.versions()["current_model_version"] is None  # the version the device shipped with
+    agent.install(device.bundle(2))
+    agent.install(device.bundle(3))
+    versions = agent.versions()
+    assert (versions["current_model_version"], versions["previous_model_version"]) == ("1.3.0", "1.2.0")
+    agent.rollback("false alarms")
+    versions = agent.versions()
+    assert (versions["current"], versions["current_model_version"], versions["previous_model_version"]) == \
+        (2, "1.2.0", None)
+    assert device.state().model_versions == {"2": "1.2.0", "3": "1.3.0"}  # pruned at the next commit

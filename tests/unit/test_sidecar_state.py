@@ -35,7 +35,7 @@ def test_the_persisted_format_is_the_one_devices_already_have():
     data = in_flight().to_dict()
     assert set(data) == {"format", "state", "bundle", "candidate", "previous", "committed", "reason", "failure_kind",
                          "model_version", "metadata_version", "signed", "baseline", "bad_bundles", "history",
-                         "updated_at"}
+                         "updated_at", "model_versions"}
     assert [s.value for s in State] == ["IDLE", "DOWNLOADING", "VERIFYING", "STAGING", "LOADING", "HEALTH_GATE",
                                         "COMMITTING", "PROBATION", "DONE", "ROLLING_BACK", "FAILED"]
     assert AgentState.from_dict({**data, "unknown_later_field": 1}) == in_flight(), "unknown fields are ignored"
@@ -118,3 +118,22 @@ def test_recovery_descriptions_read_as_before():
     for state, recovery in RECOVERY.items():
         text = str(recovery)
         assert text.startswith(f"{recovery.action.value}: ") and len(text) > len(recovery.action.value) + 20, state
+
+
+def test_a_state_file_from_before_semver_tracking_loads_with_none_known():
+    data = in_flight(state=State.DONE, committed=[1, 2]).to_dict()
+    del data["model_versions"]
+    st = AgentState.from_dict(data)
+    assert st.model_versions == {} and st.semver(2) is None
+
+
+def test_semver_is_known_only_for_committed_folders():
+    st = AgentState(committed=[2, 3], model_versions={"2": "1.2.0", "3": "1.3.0", "4": "1.4.0"})
+    assert (st.semver(3), st.semver(2), st.semver(4), st.semver(None)) == ("1.3.0", "1.2.0", None, None)
+    assert st.kept_model_versions([3]) == {"3": "1.3.0"}
+
+
+@pytest.mark.parametrize("bad", [{"x": "1.0.0"}, {"2": 2}, ["2"]])
+def test_malformed_model_versions_are_refused(bad):
+    with pytest.raises(StateError, match="model_versions"):
+        AgentState.from_dict({**in_flight().to_dict(), "model_versions": bad})
