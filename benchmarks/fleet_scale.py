@@ -27,6 +27,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from pathlib import Path
 
@@ -347,13 +348,23 @@ What grows with the fleet, measured on synthetic reports (controller code, no NA
 |---|---|---|---|---|
 {synth}
 
-**Carried to 100,000 devices** (slope between the two synthetic sizes, added to the measured round): one analysis
-round ~{at_100k_round:.2f} s CPU ({per_dev['analyse_s'] * 1e6:.1f} us per device); ingesting
-{reports_100k:,.0f} reports/s at the measured {fmt(cpu_per_report and cpu_per_report * 1e6, '{:.0f}')} us
-of CPU each needs ~{fmt(ingest_100k)} CPU-seconds per second, {"more than one core: one Python controller "
-"cannot keep up" if (ingest_100k or 0) > 0.7 else "within one core"}; memory ~{r['controller_rss_start_mb'] +
-rss_per_dev * 100_000:.0f} MB ({rss_per_dev * 1024:.1f} KiB per device); the rollout record ~{big['record_bytes']
-/ 2**20:.1f} MiB, above NATS's default 1 MiB max_payload. How the engine scales there:
+""" + textwrap.fill(
+        f"**Goals at {r['devices']:,} devices**: one analysis round {fmt(round_cpu, '{:.3f}')} s of controller CPU "
+        f"(goal < 1 s), peak memory {r['controller_rss_peak_mb']:.0f} MB (goal < 300 MB). The last device back "
+        f"is a flapping one that was away when its rollback was written; the controller lists such devices as "
+        f"unconfirmed instead of waiting for them.", 116) + "\n\n" + textwrap.fill(
+        f"**Carried to 100,000 devices** (slope between the two synthetic sizes, added to the measured round): "
+        f"one analysis round ~{at_100k_round:.2f} s CPU ({per_dev['analyse_s'] * 1e6:.1f} us per device); "
+        f"ingesting {reports_100k:,.0f} reports/s at the measured "
+        f"{fmt(cpu_per_report and cpu_per_report * 1e6, '{:.0f}')} us of controller CPU each needs "
+        f"~{fmt(ingest_100k)} CPU-seconds per second, "
+        + ("more than one core: one Python controller cannot keep up, shards are needed; "
+           if (ingest_100k or 0) > 0.7 else "within one core; ")
+        + f"memory ~{r['controller_rss_start_mb'] + rss_per_dev * 100_000:.0f} MB ({rss_per_dev * 1024:.1f} KiB "
+        f"per device); the rollout record with every device assigned ~{big['record_bytes'] / 2**20:.1f} MiB, "
+        f"above NATS's default 1 MiB max_payload.", 116) + f"""
+
+How the engine scales there:
 - **NATS**: a 3-node JetStream cluster (R3 streams and buckets) for availability; the report stream split by
   subject into partitions (`edgestack.report.<partition>.<device>`, e.g. 16 by device-id hash, one stream or
   consumer per partition) so no single stream leader takes 20,000 msgs/s alone.
@@ -361,9 +372,9 @@ rss_per_dev * 100_000:.0f} MB ({rss_per_dev * 1024:.1f} KiB per device); the rol
   plus the fleet-wide "*" scope computed from per-shard Aggregates, which merge) or by device-id hash, each with
   its own durable consumer on its partitions; a shard's record holds only its devices, so records stay well
   under max_payload (or devices move to one key per stage group).
-- Reports every 5 min instead of every {r['interval_s']:g} s (the issue's analysis interval) divide ingestion by
-  {300 / r['interval_s']:.0f}: 100,000 devices then send ~{100_000 / 300:,.0f} reports/s, which this one
-  controller ingests.
+- Reports every 5 min instead of every {r['interval_s']:g} s (the issue's analysis interval) divide ingestion
+  by {300 / r['interval_s']:.0f}: 100,000 devices then send ~{100_000 / 300:,.0f} reports/s, which one controller
+  ingests.
 """
 
 
