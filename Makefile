@@ -28,15 +28,18 @@ setup: $(STAMP)
 demo: setup
 	$(BIN)/edgestack demo --images $(FIXTURES)/images --out out/demo
 
+# Two pytest-xdist workers; tests sharing a server or a module's fixtures stay on one (xdist_group: tests/conftest.py)
+XDIST := -n 2 --dist loadgroup
+
 test: setup $(EMULATOR)
-	$(BIN)/python -m pytest -ra
+	$(BIN)/python -m pytest -ra $(XDIST)
 
 lint: setup
 	$(BIN)/ruff check .
 
 # The fast unit tests: no variant builds, emulated CPUs or servers (markers: pyproject.toml)
 unit: setup
-	$(BIN)/python -m pytest -ra -m "not slow and not integration" tests/unit
+	$(BIN)/python -m pytest -ra $(XDIST) -m "not slow and not integration" tests/unit
 
 bench: setup
 	$(BIN)/python benchmarks/ensemble_overhead.py --out BENCHMARKS.md

@@ -1,4 +1,5 @@
 """Shared test fixtures: the read-only fixture photos and detector beside the project."""
+import os
 from pathlib import Path
 
 import pytest
@@ -20,9 +21,14 @@ def fixture_images() -> Path:
 @pytest.fixture(scope="session")
 def shared_variants(tmp_path_factory):
     """tests.variants.VariantCache: each optimized variant of the fixture detector built once per session, shared
-    by the modules that need it (read-only: copy a folder before writing into it)."""
+    by the modules that need it (read-only: copy a folder before writing into it). Under pytest-xdist the folder is
+    the run's, above the workers' own, so the workers share the builds too."""
     from tests.variants import VariantCache
 
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = tmp_path_factory.getbasetemp().parent / "shared_variants"
+        root.mkdir(exist_ok=True)
+        return VariantCache(root)
     return VariantCache(tmp_path_factory.mktemp("shared_variants"))
 
 
@@ -32,7 +38,29 @@ def shared_variants(tmp_path_factory):
 SLOW_FIXTURES = {"shared_variants"}
 
 
+# `make test` runs two pytest-xdist workers with --dist loadgroup: tests of one xdist_group run on one worker, so a
+# server shared through a fixture starts once. Tests using a shared server fixture are grouped by that server; the
+# other tests using a module-scoped fixture by their module; the rest go to whichever worker is free.
+SERVER_GROUPS = {"edge_server": "edge_server", "sidecar_env": "sidecar_synthetic",
+                 "fixture_sidecar_env": "sidecar_fixture"}
+
+
+def xdist_group(item: pytest.Item) -> str | None:
+    names = set(getattr(item, "fixturenames", ()))
+    for fixture, group in SERVER_GROUPS.items():
+        if fixture in names:
+            return group
+    definitions = getattr(item, "_fixtureinfo", None)
+    for name in names:
+        defs = definitions.name2fixturedefs.get(name) if definitions else None
+        if defs and defs[-1].scope == "module":
+            return item.module.__name__
+    return None
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+        if (group := xdist_group(item)) is not None:
+            item.add_marker(pytest.mark.xdist_group(group))

@@ -8,12 +8,16 @@ session's temp folder, keyed by everything the build depends on (builder, option
 back the same Variant afterwards.
 
 The folders are shared: a test that writes into one (save_variant, a rebuild in place) copies it first
-(VariantCache.copy).
+(VariantCache.copy). Under pytest-xdist the workers share one root (conftest.shared_variants): the first worker
+to ask for a variant builds it under an exclusive file lock and pickles the Variant beside it; the others wait
+on the lock and load it, so each variant is still built once per `make test`.
 """
 from __future__ import annotations
 
 import copy
+import fcntl
 import hashlib
+import pickle
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -48,7 +52,13 @@ class VariantCache:
     def _get(self, key: tuple, build: Callable[[Path], Variant]) -> Variant:
         if key not in self._built:
             folder = self.root / hashlib.sha256(repr(key).encode()).hexdigest()[:16]
-            self._built[key] = build(folder)
+            built = folder.with_name(folder.name + ".variant.pickle")
+            with open(folder.with_name(folder.name + ".lock"), "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)  # another worker building this variant: wait for it
+                if not built.exists():
+                    variant = build(folder)
+                    built.write_bytes(pickle.dumps(variant))
+                self._built[key] = pickle.loads(built.read_bytes())
         return self._built[key]
 
     def ort_int8(self, options: Any, calibration_images: int = ORT_CALIBRATION_IMAGES) -> Variant:

@@ -54,3 +54,8 @@ def client(request, edge_server) -> Iterator[DetectionClient]:
     url = edge_server.grpc_url if request.param == "grpc" else edge_server.http_url
     with DetectionClient(url, request.param) as c:
         yield c
+
+
+# The sidecar modules' shared server and agents (defined beside their helpers)
+from tests.integration.sidecar_support import (fixture_sidecar_env, make_agent, sidecar_env,  # noqa: E402, F401
+                                               swap_env)

@@ -2,7 +2,8 @@
 started again; recover() must leave the device serving the old or the new version (never nothing, never an
 unverified one), a consistent persisted state, and no half-staged folder.
 
-One tritonserver (explicit mode) for the whole table, reset to v1 between rows. The daemon to kill runs as
+The session's shared sidecar tritonserver (explicit mode, tests/integration/sidecar_support.py) for the whole
+table, reset to v1 between rows. The daemon to kill runs as
 `python -m tests.integration.sidecar_pausing_daemon --pause-at STATE`: the product's daemon with an
 on_transition callback that creates <state_dir>/paused-<STATE> and blocks; it recovers as `python -m sidecar`.
 """
@@ -17,25 +18,21 @@ import sys
 import threading
 import time
 import urllib.error
-from dataclasses import dataclass
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
-from edgestack.server import TritonServer, free_port
+from edgestack.server import free_port
 from sidecar.bundle import create_bundle
 from sidecar.ctl_cli import call
 from sidecar.keys import generate_key
 from sidecar.state import TERMINAL, State, StateStore
-from sidecar.triton_control import TritonControl
 from sidecar.trust import TrustStore, make_root, sign
 from tests.conftest import ROOT
-from tests.integration.conftest import assert_stopped, render
-from tests.integration.test_sidecar_swap import (DETECTOR, EXPIRES, Keys, detect_dog, expected_outputs, leftovers,
-                                                 make_bundle, make_variant, reset_to_v1, DOG)
+from tests.integration.sidecar_support import (DETECTOR, DOG, EXPIRES, SidecarEnv, detect_dog,
+                                               expected_outputs, leftovers, make_bundle, make_variant)
 
 pytestmark = pytest.mark.integration
 
@@ -53,35 +50,15 @@ TABLE = [
 ]
 
 
-@dataclass
-class CrashEnv:
-    tmp: Path
-    repository: Path
-    server: TritonServer
-    control: TritonControl
-    keys: Keys
-    bundle: Path
-
-
 @pytest.fixture(scope="module")
-def crash_env(tmp_path_factory) -> Iterator[CrashEnv]:
-    tmp = tmp_path_factory.mktemp("sidecar-crash")
-    repository = render(tmp)
-    server = TritonServer(repository, explicit_models=[], log_path=tmp / "tritonserver.log")
-    with server:
-        control = TritonControl(server.http_url, repository)
-        control.restore(1)
-        keys = Keys()
-        variant = make_variant(repository / DETECTOR / "1", tmp / "v2", "same")
-        bundle = make_bundle(variant, tmp / "v2.bundle", keys, expected_outputs(server, [DOG]))
-        yield CrashEnv(tmp, repository, server, control, keys, bundle)
-        control.close()
-        pid = server.pid
-    assert_stopped(pid)
+def crash_env(sidecar_env: SidecarEnv) -> SidecarEnv:
+    """The shared server serving v1; the row's bundle is its good v2 (bundles["same"])."""
+    sidecar_env.reset_to_v1()
+    return sidecar_env
 
 
 class Daemon:
-    def __init__(self, env: CrashEnv, row: Path, pause_at: str | None, *options: str):
+    def __init__(self, env: SidecarEnv, row: Path, pause_at: str | None, *options: str):
         self.port = free_port()
         entry = ["tests.integration.sidecar_pausing_daemon", "--pause-at", pause_at] if pause_at else ["sidecar"]
         self.log = open(row / f"daemon-{pause_at or 'recover'}.log", "wb")  # noqa: SIM115
@@ -134,14 +111,14 @@ def _wait_for(path: Path, daemon: Daemon, timeout_s: float) -> None:
 @pytest.mark.parametrize("pause_at, serves", TABLE, ids=[row[0] for row in TABLE])
 def test_sigkill_in_each_state_recovers_to_a_served_verified_version(crash_env, tmp_path, pause_at, serves):
     env, control = crash_env, crash_env.control
-    reset_to_v1(env.repository, control)
+    env.reset_to_v1()
     env.keys.trust_store(tmp_path / "trust")
     model_dir = env.repository / DETECTOR
 
     daemon = Daemon(env, tmp_path, pause_at)
     try:
         daemon.wait_settled(START_TIMEOUT_S)
-        assert daemon.request("POST", "/install", {"bundle": str(env.bundle)})[0] == 202
+        assert daemon.request("POST", "/install", {"bundle": str(env.bundles["same"])})[0] == 202
         _wait_for(tmp_path / "state" / f"paused-{pause_at}", daemon, SETTLE_TIMEOUT_S)
         if pause_at == "STAGING":  # killed mid-copy: a partial temp folder and a partial numbered folder
             (model_dir / ".staging-2" / "backends").mkdir(parents=True)
@@ -194,7 +171,7 @@ def test_sigkill_in_each_state_recovers_to_a_served_verified_version(crash_env, 
         try:
             daemon.wait_settled(START_TIMEOUT_S)
             code, status = call(f"http://127.0.0.1:{daemon.port}", "POST", "/install",
-                                {"bundle": str(env.bundle), "wait": True}, SETTLE_TIMEOUT_S)
+                                {"bundle": str(env.bundles["same"]), "wait": True}, SETTLE_TIMEOUT_S)
         finally:
             assert daemon.stop() == 0
         assert code == 200 and status["state"] == "DONE" and status["committed"] == [1, 2], status
@@ -232,13 +209,13 @@ def test_daemon_api_cli_url_and_delta_install_gc_triton_restart_and_manual_rollb
     through the API, v3 is a delta bundle against v2 installed with `edgestack sidecar install` and rolled
     back; then the keys are rotated and a bundle signed with the new keys installs, one with the old does not."""
     env, control = crash_env, crash_env.control
-    reset_to_v1(env.repository, control)
+    env.reset_to_v1()
     env.keys.trust_store(tmp_path / "trust")
     model_dir = env.repository / DETECTOR
-    retrained = make_variant(env.tmp / "v2", tmp_path / "v3", "retrained")
+    retrained = make_variant(env.variants / "same", tmp_path / "v3", "retrained")
     v3 = create_bundle(retrained, tmp_path / "v3.bundle", model_name=DETECTOR, model_version="1.3.0", target="cpu",
                        metadata_version=3, keys=env.keys.bundle, expires=EXPIRES,
-                       expected_outputs=expected_outputs(env.server, [DOG]), base_dir=env.tmp / "v2",
+                       expected_outputs=expected_outputs(env.server, [DOG]), base_dir=env.variants / "same",
                        base_model_version="1.2.0")
     files = ThreadingHTTPServer(("127.0.0.1", 0), partial(_Quiet, directory=str(env.tmp)))
     threading.Thread(target=files.serve_forever, daemon=True).start()
@@ -247,10 +224,11 @@ def test_daemon_api_cli_url_and_delta_install_gc_triton_restart_and_manual_rollb
         daemon.wait_settled(START_TIMEOUT_S)
         assert daemon.request("POST", "/install", {})[0] == 400
         assert daemon.request("GET", "/nothing")[0] == 404
-        digest = hashlib.sha256(env.bundle.read_bytes()).hexdigest()
-        url = f"http://127.0.0.1:{files.server_address[1]}/{env.bundle.name}"
+        v2 = env.bundles["same"]
+        digest = hashlib.sha256(v2.read_bytes()).hexdigest()
+        url = f"http://127.0.0.1:{files.server_address[1]}/{v2.name}"
         code, status = daemon.request("POST", "/install", {"url": url, "sha256": digest,
-                                                            "size": env.bundle.stat().st_size, "wait": True})
+                                                            "size": v2.stat().st_size, "wait": True})
         assert code == 200 and status["state"] == "DONE" and status["committed"] == [1, 2], status
         _, history = daemon.request("GET", "/history")
         assert "DOWNLOADING" in [e["state"] for e in history]
@@ -300,10 +278,10 @@ def test_daemon_api_cli_url_and_delta_install_gc_triton_restart_and_manual_rollb
         assert code == 0 and answer["root_version"] == 2, answer
         assert TrustStore(tmp_path / "trust").root.version == 2, "the rotation was not persisted"
         assert ctl(capsys, api, "root", str(tmp_path / "root-v2.json"))[0] == 1, "the same root twice"
-        old_keys = make_bundle(env.tmp / "v2", tmp_path / "old-keys.bundle", env.keys, [], 4)
+        old_keys = make_bundle(env.variants / "same", tmp_path / "old-keys.bundle", env.keys, [], 4)
         code, answer = ctl(capsys, api, "install", str(old_keys))
         assert code == 1 and answer["type"] == "SignatureError", answer
-        rotated = create_bundle(env.tmp / "v2", tmp_path / "new-keys.bundle", model_name=DETECTOR,
+        rotated = create_bundle(env.variants / "same", tmp_path / "new-keys.bundle", model_name=DETECTOR,
                                 model_version="1.5.0", target="cpu", metadata_version=5, keys=new_bundle,
                                 expires=EXPIRES, expected_outputs=expected_outputs(env.server, [DOG]))
         code, status = ctl(capsys, api, "install", str(rotated))

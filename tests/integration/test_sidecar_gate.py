@@ -8,14 +8,21 @@ import time
 
 import pytest
 
-from tests.integration.test_sidecar_swap import Load, make_agent, swap_env  # noqa: F401 - fixtures
+from tests.integration.sidecar_support import Load
 
 pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def swap_env(fixture_sidecar_env):
+    """The sidecar server with the fixture detector (sidecar_support), serving v1."""
+    fixture_sidecar_env.reset_to_v1()
+    return fixture_sidecar_env
 
 INSTALLS = 10
 
 
-def test_a_byte_identical_model_installed_under_load_is_never_refused(swap_env, make_agent):  # noqa: F811
+def test_a_byte_identical_model_installed_under_load_is_never_refused(swap_env, make_agent):
     agent = make_agent(keep_versions=2, probation_s=0.5)
     control = swap_env.control
     with Load(swap_env.server, ("grpc", "http")) as load:  # two cores busy; the gate's requests queue behind theirs

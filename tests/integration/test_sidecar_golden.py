@@ -4,7 +4,7 @@ made from as served (input-fused graph, Triton, the gate's own pre/postprocess).
 
 The broken model is ONNX Runtime min/max INT8 with the decode tail quantized too, calibrated on the first 3 photos
 (the negative control of test_int8_served.py, the same build: tests/variants.py): its scores collapse on every x86
-CPU class, so none of the set's confident detections is reproduced. Reuses test_sidecar_swap's server, keys and agent fixtures.
+CPU class, so none of the set's confident detections is reproduced. Runs on the session's shared sidecar server (sidecar_support).
 """
 from __future__ import annotations
 
@@ -21,10 +21,17 @@ from sidecar.errors import HealthGateError
 from sidecar.golden import make_golden_set, reference_from_repository
 from tests.conftest import IMAGES, SPEC
 from tests.variants import ORT_CALIBRATION_IMAGES
-from tests.integration.test_sidecar_swap import (DETECTOR, EXPIRES, _assert_rolled_back, make_agent,  # noqa: F401
-                                                 make_variant, swap_env)
+from tests.integration.sidecar_support import DETECTOR, EXPIRES, make_variant
+from tests.integration.test_sidecar_swap import _assert_rolled_back
 
 pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def swap_env(fixture_sidecar_env):
+    """The sidecar server with the fixture detector (sidecar_support), serving v1."""
+    fixture_sidecar_env.reset_to_v1()
+    return fixture_sidecar_env
 
 GOLDEN_IMAGES = [IMAGES / name for name in ("dog.jpg", "horses.jpg", "person.jpg")]
 

@@ -1,221 +1,33 @@
 """The sidecar's update agent against a real tritonserver in explicit model-control mode, with real files.
 
-One server for the module (explicit mode, started empty and restored to v1); each test starts from v1
-only, with a fresh trust store and agent state. Bundles are signed with fresh keys (sidecar.keys) from copies of
-the rendered detector folder: the same model (a good v2), an ONNX graph with its boxes shifted (wrong
-outputs), a model.py that sleeps (too slow) and one that raises in initialize (crashes on load).
+The server is the session's shared sidecar server (tests/integration/sidecar_support.py: explicit mode, restored
+to v1); each test starts from v1 only, with a fresh trust store and agent state. Its bundles are signed with fresh
+keys from copies of the rendered detector folder: the same model (a good v2), an ONNX graph with its boxes shifted
+(wrong outputs), a model.py that sleeps (too slow) and one that raises in initialize (crashes on load).
 """
 from __future__ import annotations
 
-import base64
 import os
 import re
 import shutil
 import signal
 import threading
 import time
-from dataclasses import dataclass, field, replace
-from datetime import datetime, timedelta, timezone
+from dataclasses import replace
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
-from edgestack.client import DetectionClient
-from edgestack.server import TritonServer
 from sidecar.agent import Agent
 from sidecar.bundle import create_bundle
 from sidecar.bundle_types import ExpectedOutput
 from sidecar.errors import BundleError, DiskSpaceError, HealthGateError, TritonControlError
-from sidecar.keys import generate_key
 from sidecar.state import StateStore
-from sidecar.triton_control import TritonControl
-from sidecar.trust import TrustStore, format_time, make_root, sign
-from tests.conftest import IMAGES
-from tests.integration.conftest import assert_stopped, render
+from sidecar.trust import TrustStore
+from tests.integration.sidecar_support import (DETECTOR, DOG, EXPIRES, Load, detect_dog, expected_outputs,
+                                               leftovers, make_bundle, make_variant)
 
 pytestmark = pytest.mark.integration
-
-DETECTOR = "detect_detector"
-DOG = IMAGES / "dog.jpg"
-EXPIRES = format_time(datetime.now(timezone.utc) + timedelta(days=30))
-VARIANTS = ("same", "wrong", "slow", "crash")
-
-
-# --- helpers shared with test_sidecar_crash.py ------------------------------------------------------------
-
-@dataclass
-class Keys:
-    root: list = field(default_factory=lambda: [generate_key()])
-    bundle: list = field(default_factory=lambda: [generate_key()])
-
-    def trust_store(self, folder: Path) -> TrustStore:
-        store = TrustStore(folder)
-        store.initialize(sign(make_root(version=1, expires=EXPIRES, root_keys=self.root, root_threshold=1,
-                                        bundle_keys=self.bundle, bundle_threshold=1), self.root))
-        return store
-
-
-def expected_outputs(server: TritonServer, images: list[Path]) -> list[ExpectedOutput]:
-    """What the serving pipeline (v1) detects on each image: the outputs a good new version must reproduce."""
-    out = []
-    with DetectionClient(server.grpc_url, "grpc") as client:
-        for path in images:
-            data = path.read_bytes()
-            result = client.detect(data)
-            assert result.detections, f"v1 detects nothing on {path.name}"
-            out.append(ExpectedOutput(base64.b64encode(data).decode(), [list(d.box) for d in result.detections],
-                                      [d.score for d in result.detections], [d.class_id for d in result.detections]))
-    return out
-
-
-def make_variant(source: Path, dest: Path, kind: str) -> Path:
-    """A copy of a detector version folder: same, wrong (boxes + 40 px), slow (execute sleeps), crash,
-    retrained (the last four weight tensors scaled by 1.0005: new bytes, the same detections)."""
-    shutil.copytree(source, dest, ignore=shutil.ignore_patterns("__pycache__"))
-    model_py = dest / "model.py"
-    if kind == "retrained":
-        import numpy as np
-        import onnx
-
-        model = onnx.load(dest / "model.onnx")
-        weights = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT and len(t.raw_data) >= 256]
-        for tensor in weights[-4:]:
-            tensor.raw_data = (np.frombuffer(tensor.raw_data, np.float32) * np.float32(1.0005)).tobytes()
-        onnx.save(model, dest / "model.onnx")
-    elif kind == "wrong":
-        import onnx
-        from onnx import helper, numpy_helper
-        import numpy as np
-
-        model = onnx.load(dest / "model.onnx")
-        out = "tower_0/detections"
-        producer = next(n for n in model.graph.node if out in n.output)
-        producer.output[list(producer.output).index(out)] = "unshifted_detections"
-        shift = numpy_helper.from_array(np.array([40, 40, 40, 40, 0, 0], np.float32), "box_shift")
-        model.graph.initializer.append(shift)
-        model.graph.node.append(helper.make_node("Add", ["unshifted_detections", "box_shift"], [out], "shift_boxes"))
-        onnx.checker.check_model(model)
-        onnx.save(model, dest / "model.onnx")
-    elif kind == "slow":
-        text = model_py.read_text().replace("    def execute(self, requests):\n",
-                                            "    def execute(self, requests):\n        __import__('time').sleep(0.6)\n")
-        assert "sleep(0.6)" in text
-        model_py.write_text(text)
-    elif kind == "crash":
-        text = model_py.read_text().replace("    def initialize(self, args):\n",
-                                            "    def initialize(self, args):\n        raise RuntimeError('crashes on load')\n")
-        assert "crashes on load" in text
-        model_py.write_text(text)
-    return dest
-
-
-def make_bundle(folder: Path, out: Path, keys: Keys, expected: list[ExpectedOutput], metadata_version: int = 2) -> Path:
-    return create_bundle(folder, out, model_name=DETECTOR, model_version=f"1.{metadata_version}.0", target="cpu",
-                         metadata_version=metadata_version, keys=keys.bundle, expires=EXPIRES,
-                         expected_outputs=expected)
-
-
-def reset_to_v1(repository: Path, control: TritonControl) -> None:
-    """Serve v1 only, and only v1's folder on disk."""
-    control.restore(1)
-    for path in (repository / DETECTOR).iterdir():
-        if path.is_dir() and path.name != "1":
-            shutil.rmtree(path)
-
-
-def leftovers(repository: Path) -> list[str]:
-    return sorted(p.name for p in (repository / DETECTOR).iterdir() if p.name.startswith("."))
-
-
-def detect_dog(url: str, protocol: str = "grpc") -> list[str]:
-    with DetectionClient(url, protocol) as client:
-        return client.detect(DOG.read_bytes()).class_names
-
-
-# --- fixtures ---------------------------------------------------------------------------------------------
-
-@dataclass
-class SwapEnv:
-    tmp: Path
-    repository: Path
-    server: TritonServer
-    control: TritonControl
-    keys: Keys
-    bundles: dict[str, Path]
-
-
-@pytest.fixture(scope="module")
-def swap_env(tmp_path_factory) -> Iterator[SwapEnv]:
-    tmp = tmp_path_factory.mktemp("sidecar-swap")
-    repository = render(tmp)
-    server = TritonServer(repository, explicit_models=[], log_path=tmp / "tritonserver.log")
-    with server:
-        control = TritonControl(server.http_url, repository)
-        control.restore(1)
-        expected = expected_outputs(server, [DOG])
-        keys = Keys()
-        bundles = {kind: make_bundle(make_variant(repository / DETECTOR / "1", tmp / "variants" / kind, kind),
-                                     tmp / f"{kind}.bundle", keys, expected, n + 2)
-                   for n, kind in enumerate(VARIANTS)}
-        yield SwapEnv(tmp, repository, server, control, keys, bundles)
-        control.close()  # an open HTTP connection holds tritonserver's exit for its whole exit timeout
-        pid = server.pid
-    assert_stopped(pid)
-
-
-@pytest.fixture
-def make_agent(swap_env, tmp_path):
-    reset_to_v1(swap_env.repository, swap_env.control)
-
-    agents: list[Agent] = []
-
-    def factory(**options) -> Agent:
-        trust = swap_env.keys.trust_store(tmp_path / "trust")
-        options = {"probation_s": 1.0, "probation_poll_s": 0.25, **options}
-        agents.append(Agent(swap_env.repository, swap_env.server.http_url, tmp_path / "state", trust, **options))
-        return agents[-1]
-
-    yield factory
-    for agent in agents:
-        agent.control.close()
-
-
-# --- the swap under load ----------------------------------------------------------------------------------
-
-class Load:
-    """Client threads (gRPC and HTTP) sending dog.jpg through `detect` until stopped."""
-
-    def __init__(self, server: TritonServer, protocols=("grpc", "http", "grpc", "http")):
-        self.server, self.stop, self.lock = server, threading.Event(), threading.Lock()
-        self.ok, self.failures, self.latencies = 0, [], []
-        self.threads = [threading.Thread(target=self._run, args=(p,), daemon=True) for p in protocols]
-
-    def _run(self, protocol: str) -> None:
-        url = self.server.grpc_url if protocol == "grpc" else self.server.http_url
-        image = DOG.read_bytes()
-        with DetectionClient(url, protocol, timeout_s=120) as client:
-            while not self.stop.is_set():
-                start = time.perf_counter()
-                try:
-                    names = client.detect(image).class_names
-                    assert "dog" in names, names
-                    with self.lock:
-                        self.ok += 1
-                        self.latencies.append(time.perf_counter() - start)
-                except Exception as exc:  # noqa: BLE001 - every failure is counted and reported
-                    with self.lock:
-                        self.failures.append(f"{protocol}: {type(exc).__name__}: {exc}")
-
-    def __enter__(self) -> "Load":
-        for thread in self.threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        for thread in self.threads:
-            thread.join(timeout=150)
 
 
 def test_good_swap_under_load_fails_no_request(swap_env, make_agent, record_property):
