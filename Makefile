@@ -29,7 +29,7 @@ demo: setup
 	$(BIN)/edgestack demo --images $(FIXTURES)/images --out out/demo
 
 # Two pytest-xdist workers; tests sharing a server or a module's fixtures stay on one (xdist_group: tests/conftest.py)
-XDIST := -n 2 --dist loadgroup
+XDIST := -n 2 --dist loadgroup --no-loadscope-reorder
 
 test: setup $(EMULATOR)
 	$(BIN)/python -m pytest -ra $(XDIST)

@@ -40,9 +40,11 @@ SLOW_FIXTURES = {"shared_variants"}
 
 # `make test` runs two pytest-xdist workers with --dist loadgroup: tests of one xdist_group run on one worker, so a
 # server shared through a fixture starts once. Tests using a shared server fixture are grouped by that server; the
-# other tests using a module-scoped fixture by their module; the rest go to whichever worker is free.
-SERVER_GROUPS = {"edge_server": "edge_server", "sidecar_env": "sidecar_synthetic",
-                 "fixture_sidecar_env": "sidecar_fixture"}
+# other tests using a module-scoped fixture by their module; the rest go to whichever worker is free. The groups are
+# handed out in collection order (--no-loadscope-reorder), so the longest (the sidecar servers', minutes each) are
+# collected first and the single tests last, to fill in.
+SERVER_GROUPS = {"sidecar_env": "sidecar_synthetic", "fixture_sidecar_env": "sidecar_fixture",
+                 "edge_server": "edge_server"}
 
 
 def xdist_group(item: pytest.Item) -> str | None:
@@ -59,8 +61,13 @@ def xdist_group(item: pytest.Item) -> str | None:
 
 
 def pytest_collection_modifyitems(config, items):
+    order = list(SERVER_GROUPS.values())
+    rank = {}
     for item in items:
         if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
-        if (group := xdist_group(item)) is not None:
+        group = xdist_group(item)
+        if group is not None:
             item.add_marker(pytest.mark.xdist_group(group))
+        rank[item.nodeid] = order.index(group) if group in order else len(order) + (group is None)
+    items.sort(key=lambda item: rank[item.nodeid])
