@@ -130,6 +130,8 @@ class TritonServer:
             f"--http-address={self.address}",
             f"--grpc-address={self.address}",
             "--allow-metrics=true",
+            # p50/p99 per model for the fleet's device reports (fleet.triton_metrics)
+            "--metrics-config=summary_latencies=true",
             "--exit-timeout-secs=10",
             "--log-info=true",
             # Python-backend tensors travel through shared memory; a region that starts small grows

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 from builder.targets import TARGETS
+from fleet.errors import FleetError
 from sidecar.state import TERMINAL, State, now_iso
 
 
@@ -41,6 +42,15 @@ def add_options(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="this device's class(es) (default: detected, see `edgestack device-info`)")
     parser.add_argument("--watch-s", type=float, default=10.0,
                         help="check Triton against the committed version every S seconds (0: never)")
+    fleet = parser.add_argument_group("fleet (issue #11: staged rollouts over NATS)")
+    fleet.add_argument("--nats", metavar="URL", help="NATS server(s) of the fleet, e.g. nats://fleet:4222 "
+                       "(comma-separated for a cluster); the daemon then also runs the fleet device client")
+    fleet.add_argument("--device-id", help="this device's id in the fleet ([A-Za-z0-9_-], default: the host name)")
+    fleet.add_argument("--report-s", type=float, default=10.0, help="report to the fleet every S seconds")
+    fleet.add_argument("--triton-metrics", metavar="HOST:PORT",
+                       help="Triton's metrics endpoint for latency and error reports (default: none reported)")
+    fleet.add_argument("--accuracy-s", type=float, default=60.0,
+                       help="check the serving version against its signed expected outputs every S seconds")
     return parser
 
 
@@ -97,7 +107,8 @@ def run(args: argparse.Namespace, on_transition: Callable[[State], None] | None 
                       probation_s=args.probation_s, stage=args.stage, target=args.target,
                       device_classes=_device_classes(args.device_class), on_transition=on_transition)
         api = SidecarAPI(agent, args.port)
-    except (SidecarError, OSError, ValueError) as exc:
+        fleet = _fleet_client(args, agent) if getattr(args, "nats", None) else None
+    except (SidecarError, FleetError, OSError, ValueError) as exc:
         print(f"sidecar: error: {exc}", file=sys.stderr)
         return 2
     stop = threading.Event()
@@ -105,14 +116,38 @@ def run(args: argparse.Namespace, on_transition: Callable[[State], None] | None 
     def on_signal(signum: int, _frame: object) -> None:
         stop.set()
         threading.Thread(target=api.shutdown, daemon=True).start()
+        if fleet is not None:
+            threading.Thread(target=fleet.stop, daemon=True).start()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     _log(event="listening", url=f"http://127.0.0.1:{api.port}", repository=args.repository, triton=args.triton_http)
     threading.Thread(target=_keep_in_line, args=(agent, stop, args.watch_s), name="sidecar-watch", daemon=True).start()
+    if fleet is not None:
+        fleet.start()
+        _log(event="fleet_client", nats=args.nats, device_id=fleet.client.device_id, report_s=args.report_s)
     api.serve_forever()
+    if fleet is not None:
+        fleet.stop()
     _log(event="stopped")
     return 0
+
+
+def _fleet_client(args: argparse.Namespace, agent):
+    """The fleet device client (fleet.device) beside the same in-process agent, not started yet."""
+    import logging
+    import re
+    import socket
+
+    from fleet.device import DeviceClient, DeviceThread
+
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    device_id = args.device_id or re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname())[:64]
+    client = DeviceClient(args.nats, device_id, agent, triton_metrics_url=args.triton_metrics,
+                          ensemble_model=args.ensemble_model, report_s=args.report_s,
+                          state_dir=Path(args.state_dir) / "fleet", accuracy_s=args.accuracy_s)
+    return DeviceThread(client)
 
 
 def _device_classes(names: list[str] | None) -> tuple[str, ...] | None:
