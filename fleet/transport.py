@@ -85,13 +85,18 @@ class NatsFleetBus:
         and the report stream when missing (idempotent; the stream's limits are updated when they changed)."""
         servers = [u.strip() for u in url.split(",")] if isinstance(url, str) else list(url)
 
+        outage = {"errors": 0}  # one line per outage, not one per reconnect attempt
+
         async def on_error(exc: Exception) -> None:
-            log.warning("nats %s: %s: %s", name, type(exc).__name__, exc)
+            outage["errors"] += 1
+            if outage["errors"] == 1:
+                log.warning("nats %s: %s: %s (said once until reconnected)", name, type(exc).__name__, exc)
 
         async def on_disconnected() -> None:
             log.warning("nats %s: disconnected, reconnecting", name)
 
         async def on_reconnected() -> None:
+            outage["errors"] = 0
             log.info("nats %s: reconnected to %s", name, nc.connected_url.netloc if nc.connected_url else "?")
 
         # nats-py retries a first connect forever with max_reconnect_attempts=-1: the deadline bounds it.
