@@ -8,7 +8,8 @@ tick():
      c. PENDING: plan the cohorts, start stage 0
         RUNNING/PAUSED/WAITING_PROMOTION: place devices registered since (same cohort rule), analyse every
         interval, roll back after failure_limit failed rounds (or an inconclusive one, per policy), pause on an
-        inconclusive round (policy pause), promote when the stage's duration has passed and its last round passed
+        inconclusive round (policy pause), promote when the stage's duration has passed since it was deployed (enough
+        of its devices reported the new version: min_reporting_devices) and its last round passed
         ROLLING_BACK/ABORTING: finished when every reverted device reports its previous version (devices silent
         or lying since the revert was written, for longer than max_device_staleness, are listed as unconfirmed:
         their desired state stays the previous version)
@@ -235,6 +236,7 @@ class Controller:
             rollout.move(State.RUNNING, now, f"{len(cohorts.stage_of)} eligible devices in "
                          f"{len(cohorts.class_sizes())} classes, {len(cohorts.ineligible)} ineligible")
         rollout.stage, rollout.stage_started_at, rollout.last_analysis_at = stage, None, None
+        rollout.stage_deployed_at = None
         rollout.consecutive_failures = 0
         rollout.unwritten = generation
         rollout.note(now, "stage_started", f"stage {strategy.stages[stage].name}: {len(new)} devices added, "
@@ -282,7 +284,16 @@ class Controller:
         passed = (last is not None and last["stage"] == rollout.stage and last["time"] >= rollout.stage_started_at
                   and (last["verdict"] == "pass" or (last["verdict"] == "inconclusive"
                                                      and strategy.analysis.inconclusive == "continue")))
-        if rollout.state is not State.RUNNING or not passed or now - rollout.stage_started_at < stage.duration_s:
+        if rollout.stage_deployed_at is None and last is not None and last["stage"] == rollout.stage \
+                and last["time"] >= (rollout.stage_started_at or 0.0) \
+                and last["counts"]["updated"] >= strategy.analysis.min_reporting_devices * last["counts"]["targeted"]:
+            rollout.stage_deployed_at = last["time"]
+            rollout.note(now, "stage_deployed", f"stage {stage.name}: {last['counts']['updated']} of "
+                         f"{last['counts']['targeted']} devices run {rollout.release.version}; its "
+                         f"{stage.duration_s:g}s start now")
+            revision = await self._save(rollout, revision)
+        if rollout.state is not State.RUNNING or not passed or rollout.stage_deployed_at is None \
+                or now - rollout.stage_deployed_at < stage.duration_s:
             return
         if rollout.stage + 1 >= len(strategy.stages):
             rollout.move(State.COMPLETED, now, f"stage {stage.name} passed; every stage done")

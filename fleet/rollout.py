@@ -107,6 +107,8 @@ class Rollout:
     stage: int = 0
     created_at: float = 0.0
     stage_started_at: float | None = None  # when the current stage's desired states were all written
+    stage_deployed_at: float | None = None  # when enough of its devices first reported the new version: the
+    #                                         stage's duration (its bake time) counts from here
     last_analysis_at: float | None = None
     consecutive_failures: int = 0
     assignments: dict[str, Assignment] = field(default_factory=dict)
@@ -159,6 +161,7 @@ class Rollout:
         return {"format": RECORD_FORMAT, "id": self.id, "release": self.release.to_dict(),
                 "strategy": self.strategy.to_dict(), "state": self.state.value, "stage": self.stage,
                 "created_at": self.created_at, "stage_started_at": self.stage_started_at,
+                "stage_deployed_at": self.stage_deployed_at,
                 "last_analysis_at": self.last_analysis_at, "consecutive_failures": self.consecutive_failures,
                 "assignments": [{"stage": k[0], "action": k[1], "generation": k[2], "version_before": k[3],
                                  "class": k[4], "devices": v} for k, v in groups.items()],
@@ -178,7 +181,8 @@ class Rollout:
             return cls(id=check_token(data["id"], "rollout.id"), release=Release.from_dict(data["release"]),
                        strategy=Strategy.from_dict(data["strategy"]), state=State(data["state"]),
                        stage=int(data["stage"]), created_at=float(data["created_at"]),
-                       stage_started_at=data.get("stage_started_at"), last_analysis_at=data.get("last_analysis_at"),
+                       stage_started_at=data.get("stage_started_at"),
+                       stage_deployed_at=data.get("stage_deployed_at"), last_analysis_at=data.get("last_analysis_at"),
                        consecutive_failures=int(data.get("consecutive_failures", 0)), assignments=assignments,
                        classes={d: g["class"] for g in data["assignments"] if g.get("class") for d in g["devices"]},
                        ineligible=dict(data.get("ineligible", {})),

@@ -301,3 +301,20 @@ def test_a_device_silent_during_the_rollback_does_not_hold_it_forever_and_is_lis
         assert gone.version == "1.1.0" and (await h.bus.get_desired(gone.device_id)).action == "rollback"
         assert "1 silent (unconfirmed)" in record.events[-1]["reason"]
     run(scenario())
+
+
+def test_a_stage_waits_for_its_devices_to_run_the_new_version_before_its_duration_counts():
+    h = Harness(make_devices(), strategy(inconclusive="continue"))
+
+    async def scenario():
+        await h.start()
+        for _ in range(40):  # 200 s, far past the canary's 60 s, while no device acts on its desired state
+            await h.controller.tick()
+            h.clock.advance(5.0)
+        record = await h.record()
+        assert record.state is State.RUNNING and record.stage == 0 and record.stage_deployed_at is None
+        record = await h.drive(lambda r: r.stage == 1)
+        deployed = next(e for e in record.events if e["event"] == "stage_deployed")
+        passed = next(e for e in record.events if e["event"] == "stage_passed")
+        assert passed["time"] - deployed["time"] >= 60
+    run(scenario())
