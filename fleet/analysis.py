@@ -183,7 +183,7 @@ class Verdict:
 
 def classify(device_id: str, generation: int, version: str, latest: LatestReports, now: float,
              staleness_s: float) -> tuple[str, Report | None]:
-    """One of DEVICE_STATES for a cohort device, and its report when it counts as updated."""
+    """One of DEVICE_STATES for a cohort device, and its report when it counts as updated, failed or rolled back."""
     entry = latest.latest.get(device_id)
     if entry is None:
         return "silent", None
@@ -198,9 +198,9 @@ def classify(device_id: str, generation: int, version: str, latest: LatestReport
     if state == "installed":
         return ("updated", message) if message.model_version == version else ("lying", None)
     if state in ("failed", "ineligible"):
-        return "failed", None
+        return "failed", message
     if state == "rolled_back":
-        return "rolled_back", None
+        return "rolled_back", message
     return ("installing" if state == "installing" else "pending"), None
 
 
@@ -223,6 +223,7 @@ def analyse(*, stage: Stage, stage_index: int, cohort: Mapping[str, tuple[str, i
     counts = dict.fromkeys(DEVICE_STATES, 0)
     class_sizes: dict[str, int] = {}
     class_failed: dict[str, int] = {}
+    class_why: dict[str, list[str]] = {}  # class -> "device: the reason its agent gave", the first few
     updated: list[tuple[str, Report]] = []
     for device_id, (cls, generation) in cohort.items():
         state, report = classify(device_id, generation, version, latest, now, staleness_s)
@@ -230,6 +231,8 @@ def analyse(*, stage: Stage, stage_index: int, cohort: Mapping[str, tuple[str, i
         class_sizes[cls] = class_sizes.get(cls, 0) + 1
         if state in ("failed", "rolled_back"):
             class_failed[cls] = class_failed.get(cls, 0) + 1
+            if report is not None and report.reason and len(class_why.setdefault(cls, [])) < 3:
+                class_why[cls].append(f"{device_id}: {report.reason[:300]}")
         elif report is not None:
             updated.append((cls, report))
     targeted = len(cohort)
@@ -243,18 +246,23 @@ def analyse(*, stage: Stage, stage_index: int, cohort: Mapping[str, tuple[str, i
             (c, class_failed.get(c, 0), n) for c, n in sorted(class_sizes.items())]:
         share = 100.0 * failed / size if size else 0.0
         if failed and share > trigger.install_failures:
+            why = class_why.get(scope) if scope != ALL else [w for ws in class_why.values() for w in ws][:3]
             failures.append({"trigger": "install_failures", "scope": scope, "value": round(share, 3),
-                             "threshold": trigger.install_failures, "devices": failed, "of": size})
+                             "threshold": trigger.install_failures, "devices": failed, "of": size,
+                             **({"why": why} if why else {})})
     reporting = counts["updated"] + failed_total
     quorum = reporting >= min_reporting * targeted
     if quorum:
         failures += _metric_failures(stage, metrics, before, control_aggs)
     if failures:
+        failures.sort(key=lambda f: f["scope"] == ALL)  # the class that fails says more than the whole
         first = failures[0]
         where = "all devices" if first["scope"] == ALL else f"class {first['scope']}"
         reason = f"{first['trigger']} on {where}: {first['value']:g} over threshold {first['threshold']:g}"
         if len(failures) > 1:
             reason += f" (+{len(failures) - 1} more)"
+        if first.get("why"):
+            reason += f"; {first['why'][0]}"
         verdict = "fail"
     elif not quorum:
         verdict = "inconclusive"

@@ -141,6 +141,8 @@ def test_devices_whose_agent_refuses_the_update_trip_install_failures():
         record = await h.drive(lambda r: r.terminal)
         assert record.state is State.ROLLED_BACK
         assert {(f["trigger"], f["scope"]) for f in record.revert["failures"]} >= {("install_failures", "x86-vnni")}
+        assert "install_failures on class x86-vnni" in record.revert["reason"]
+        assert "health gate: fidelity 0.41 below 0.9" in record.revert["reason"], "the device's own reason is kept"
     run(scenario())
 
 
