@@ -40,18 +40,24 @@ SLOW_FIXTURES = {"shared_variants"}
 
 # `make test` runs two pytest-xdist workers with --dist loadgroup: tests of one xdist_group run on one worker, so a
 # server shared through a fixture starts once. Tests using a shared server fixture are grouped by that server; the
-# other tests using a module-scoped fixture by their module; the rest go to whichever worker is free. The groups are
-# handed out in collection order (--no-loadscope-reorder), so the longest (the sidecar servers', minutes each) are
-# collected first and the single tests last, to fill in.
+# modules that use shared variants form one group, so the builds run one after another on one worker instead of
+# one worker waiting for the other's build (tests/variants.py); other tests using a module-scoped fixture are
+# grouped by module; the rest go to whichever worker is free. Groups are handed out in collection order
+# (--no-loadscope-reorder): the longest (variants, then the sidecar servers', minutes each) are collected first and
+# the single tests last, to fill in.
 SERVER_GROUPS = {"sidecar_env": "sidecar_synthetic", "fixture_sidecar_env": "sidecar_fixture",
                  "edge_server": "edge_server"}
+VARIANTS_GROUP = "shared_variants"
+GROUP_ORDER = [VARIANTS_GROUP, *SERVER_GROUPS.values()]
 
 
-def xdist_group(item: pytest.Item) -> str | None:
+def xdist_group(item: pytest.Item, variant_modules: set[str]) -> str | None:
     names = set(getattr(item, "fixturenames", ()))
     for fixture, group in SERVER_GROUPS.items():
         if fixture in names:
             return group
+    if item.module.__name__ in variant_modules:
+        return VARIANTS_GROUP
     definitions = getattr(item, "_fixtureinfo", None)
     for name in names:
         defs = definitions.name2fixturedefs.get(name) if definitions else None
@@ -61,13 +67,15 @@ def xdist_group(item: pytest.Item) -> str | None:
 
 
 def pytest_collection_modifyitems(config, items):
-    order = list(SERVER_GROUPS.values())
-    rank = {}
+    variant_modules = set()
     for item in items:
         if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
-        group = xdist_group(item)
+            variant_modules.add(item.module.__name__)
+    rank = {}
+    for item in items:
+        group = xdist_group(item, variant_modules)
         if group is not None:
             item.add_marker(pytest.mark.xdist_group(group))
-        rank[item.nodeid] = order.index(group) if group in order else len(order) + (group is None)
+        rank[item.nodeid] = GROUP_ORDER.index(group) if group in GROUP_ORDER else len(GROUP_ORDER) + (group is None)
     items.sort(key=lambda item: rank[item.nodeid])
