@@ -38,6 +38,10 @@ REPORT_MAX_AGE_S = 7 * 24 * 3600.0
 REPORT_MAX_BYTES = 1 << 30
 REPORT_MAX_MSG_BYTES = 64 << 10
 PIPELINE_TIMEOUT_S = 30.0
+# A one-pass scan of a bucket (list rollouts every tick, registrations) is an ephemeral consumer: nats-py leaves
+# it on the server for 5 minutes after the scan unless told otherwise, and a controller ticking twice a second
+# would pile up hundreds of them ("maximum consumers limit reached").
+SCAN_INACTIVE_S = 5.0
 
 
 def _encode(document: Mapping[str, Any]) -> bytes:
@@ -215,7 +219,7 @@ class NatsFleetBus:
         kv = await self._bucket(BUCKET_DEVICES)
         found: dict[str, Registration] = {}
         async with _failing("list registrations"):
-            watcher = await kv.watchall(ignore_deletes=True)
+            watcher = await kv.watchall(ignore_deletes=True, inactive_threshold=SCAN_INACTIVE_S)
             try:
                 while (entry := await watcher.updates(timeout=PIPELINE_TIMEOUT_S)) is not None:
                     try:
@@ -284,11 +288,15 @@ class NatsFleetBus:
 
     async def list_rollouts(self) -> list[str]:
         kv = await self._bucket(BUCKET_ROLLOUTS)
+        keys: list[str] = []
         async with _failing("list rollouts"):
+            watcher = await kv.watchall(ignore_deletes=True, meta_only=True, inactive_threshold=SCAN_INACTIVE_S)
             try:
-                keys = await kv.keys()
-            except nats.js.errors.NoKeysError:
-                return []
+                while (entry := await watcher.updates(timeout=PIPELINE_TIMEOUT_S)) is not None:
+                    keys.append(entry.key)
+            finally:
+                with contextlib.suppress(Exception):
+                    await watcher.stop()
         return sorted(k for k in keys if not k.startswith(COMMAND_KEY_PREFIX))
 
     async def put_command(self, rollout_id: str, command: Command) -> None:
