@@ -88,6 +88,7 @@ case "$EDGESTACK_SERVER" in
             --http-address="$BIND_ADDRESS" \
             --grpc-address="$BIND_ADDRESS" \
             --allow-metrics=true \
+            --metrics-config=summary_latencies=true \
             --exit-timeout-secs=10 \
             --log-info=true \
             --backend-config=python,shm-default-byte-size="$PYTHON_SHM_DEFAULT_BYTES" \
