@@ -97,7 +97,8 @@ class NatsFleetBus:
                 log.warning("nats %s: %s: %s (said once until reconnected)", name, type(exc).__name__, exc)
 
         async def on_disconnected() -> None:
-            log.warning("nats %s: disconnected, reconnecting", name)
+            if not (nc.is_closed or nc.is_draining):  # close() drains first: that is no outage
+                log.warning("nats %s: disconnected, reconnecting", name)
 
         async def on_reconnected() -> None:
             outage["errors"] = 0
