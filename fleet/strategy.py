@@ -3,7 +3,8 @@
     stages:
       - name: canary
         percentage: 1            # of each device class (fleet.cohorts), increasing, the last one 100
-        duration_hours: 24       # or `duration: 90s | 5m | 24h`; how long the stage is watched before it passes
+        duration_hours: 24       # or `duration: 90s | 5m | 24h`: how long the stage is watched before it passes,
+                                 # counted from when min_reporting_devices of it run the release
         rollback_trigger: {accuracy_drop: 3.0, latency_increase: 50, error_rate: 5.0, install_failures: 5}
     analysis: {interval: 5m, failure_limit: 2, inconclusive: pause, min_reporting_devices: 0.9,
                max_device_staleness: 15m}
