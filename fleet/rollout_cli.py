@@ -59,7 +59,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     start.add_argument("--strategy", required=True, help="strategy YAML (see specs/rollout.yaml)")
     start.add_argument("--model", help="registered model name (with --version and --registry)")
     start.add_argument("--version", help="semantic version or alias in the registry")
-    start.add_argument("--registry", help="registry URI (sqlite:///PATH.db or http://mlflow-server:port)")
+    start.add_argument("--registry", help="registry URI (sqlite:///PATH.db or http://mlflow-server:port; default: "
+                                          "EDGESTACK_REGISTRY, else sqlite:///registry/registry.db)")
     start.add_argument("--release", help="a Release JSON file instead of the registry")
     start.add_argument("--id", help="rollout id (default: MODEL-VERSION-UTCTIME)")
     _nats_option(start)
@@ -108,12 +109,12 @@ def read_release(args: argparse.Namespace) -> Release:
             return Release.from_dict(json.loads(Path(args.release).read_text()))
         except ValueError as exc:
             raise ProtocolError(f"{args.release}: not a release ({exc})") from exc
-    missing = [f"--{n}" for n in ("model", "version", "registry") if not getattr(args, n)]
+    missing = [f"--{n}" for n in ("model", "version") if not getattr(args, n)]
     if missing:
-        raise RolloutError(f"give --release FILE, or --model, --version and --registry (missing {', '.join(missing)})")
+        raise RolloutError(f"give --release FILE, or --model and --version (missing {', '.join(missing)})")
     from fleet.registry import Registry
 
-    return Registry(args.registry).resolve(args.model, args.version)
+    return Registry(args.registry).resolve(args.model, args.version)  # None: EDGESTACK_REGISTRY or the default
 
 
 async def _load(bus, rollout_id: str) -> Rollout:
