@@ -1,0 +1,394 @@
+"""Fine-tune a (pruned) student detector against the FP32 teacher: no labels, the teacher's outputs are the targets.
+
+The teacher is the served ONNX detector run in ONNX Runtime on the very same augmented image the student sees;
+its class heatmap (`tower_0/keypoints`, sigmoid probabilities, NHWC) and size/offset map (`tower_0/wh`) are the
+targets. Two modes, same data, same steps, so the report can compare them:
+
+- "distill": knowledge distillation. Heatmap: binary cross-entropy between sigmoid(student_logit / T) and
+  sigmoid(teacher_logit / T), times T^2 (Hinton's scaling), over every pixel and class; size map: L1 weighted by
+  the teacher's per-pixel class confidence (the size matters where there is an object).
+- "plain": fine-tuning as one would with labels, the teacher's detections taken as the labels: CenterNet's
+  penalty-reduced focal loss with 1 at the teacher's heatmap peaks (3x3 local maxima >= the score threshold) and
+  L1 on the size map at those peaks only. No temperature, no dense soft targets.
+
+The student contract (F1's builder/compress/torch_copy.py makes one): a torch.nn.Module whose forward takes the
+detector's model input as a float32 tensor (StudentIO.input_layout, NHWC [B, 512, 512, 3] raw 0..255 for the
+fixture) and returns (heatmap, size_map) as StudentIO says (layouts; heatmap as logits or as probabilities).
+
+Data: unlabelled images (augmented: random crop of 35-100% of the area with aspect 3:4..4:3, horizontal flip,
+colour jitter of brightness/contrast/saturation, then the spec's stretch resize, which rescales) and, optionally,
+frames of a video. Evaluation images are never trained on: check_disjoint refuses a training set that shares a
+file (by content hash) with them.
+
+Bounded: max_steps and max_seconds (wall time of the training loop, one torch thread by default); a text progress
+bar on stderr; a checkpoint (student, optimizer, step, loss history) every checkpoint_every steps and at the end,
+from which a second call with the same settings resumes. The augmentation of step i depends only on (seed, i), so
+a resumed run sees the same images as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from builder.errors import BuilderError
+
+MODES = ("distill", "plain")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
+_EPS = 1e-6
+
+
+@dataclass(frozen=True)
+class StudentIO:
+    """How the student's tensors are laid out: input NHWC|NCHW; outputs NHWC|NCHW; heatmap logits|probabilities."""
+
+    input_layout: str = "NHWC"
+    output_layout: str = "NHWC"
+    heatmap: str = "probabilities"
+
+    def __post_init__(self) -> None:
+        for name in ("input_layout", "output_layout"):
+            if getattr(self, name) not in ("NHWC", "NCHW"):
+                raise BuilderError(f"StudentIO.{name} must be NHWC or NCHW, got {getattr(self, name)!r}")
+        if self.heatmap not in ("logits", "probabilities"):
+            raise BuilderError(f"StudentIO.heatmap must be logits or probabilities, got {self.heatmap!r}")
+
+
+@dataclass(frozen=True)
+class DistillSettings:
+    mode: str = "distill"
+    temperature: float = 2.0
+    size_weight: float = 0.1
+    steps: int = 300
+    max_seconds: float | None = None
+    batch_size: int = 2
+    learning_rate: float = 2e-4
+    weight_decay: float = 0.0
+    seed: int = 0
+    threads: int = 1
+    checkpoint_every: int = 25
+    score_threshold: float = 0.35  # plain mode: teacher peaks at or above this are the labels
+    min_crop_area: float = 0.35
+    colour_jitter: float = 0.3
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise BuilderError(f"distillation mode must be one of {MODES}, got {self.mode!r}")
+        if not self.temperature > 0:
+            raise BuilderError(f"temperature must be > 0, got {self.temperature}")
+        for name in ("steps", "batch_size", "threads", "checkpoint_every"):
+            if int(getattr(self, name)) < 1:
+                raise BuilderError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 < self.min_crop_area <= 1.0:
+            raise BuilderError(f"min_crop_area must be in (0, 1], got {self.min_crop_area}")
+
+    def fingerprint(self) -> str:
+        """What a checkpoint must match to be resumed (steps and max_seconds may change between calls)."""
+        data = {k: v for k, v in asdict(self).items() if k not in ("steps", "max_seconds", "checkpoint_every")}
+        return hashlib.sha256(repr(sorted(data.items())).encode()).hexdigest()[:16]
+
+
+@dataclass
+class DistillResult:
+    steps: int
+    seconds: float
+    losses: list[float] = field(default_factory=list)
+    resumed_from: int = 0
+    stopped_by: str = "steps"  # steps | time
+    checkpoint: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# --- data ---------------------------------------------------------------------------------------
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def training_images(folders: Sequence[Path]) -> list[Path]:
+    """Every image file in the folders (sorted, not recursive); an error names a folder that has none."""
+    images: list[Path] = []
+    for folder in folders:
+        folder = Path(folder)
+        found = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
+        if not found:
+            raise BuilderError(f"training images: {folder} has no .jpg/.png/.bmp image")
+        images.extend(found)
+    return images
+
+
+def check_disjoint(train: Sequence[Path], evaluation: Sequence[Path]) -> None:
+    """Refuse training on an evaluation image: same content (sha256) or the same resolved path."""
+    eval_hashes = {_sha256(p): Path(p).name for p in evaluation}
+    eval_paths = {Path(p).resolve() for p in evaluation}
+    shared = [f"{Path(p).name} (= evaluation {eval_hashes.get(_sha256(p), Path(p).name)})" for p in train
+              if Path(p).resolve() in eval_paths or _sha256(p) in eval_hashes]
+    if shared:
+        raise BuilderError(f"training images include evaluation images: {', '.join(shared)}; evaluation images are "
+                           "never trained on")
+
+
+def video_frames(video: Path, out_dir: Path, every: int = 40, limit: int = 20) -> list[Path]:
+    """Every `every`-th frame of a video (at most `limit`) written as JPEG into out_dir: more unlabelled images."""
+    import cv2
+
+    capture = cv2.VideoCapture(str(video))
+    if not capture.isOpened():
+        raise BuilderError(f"training video {video} cannot be read")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    frames, index = [], 0
+    try:
+        while len(frames) < limit:
+            ok, frame = capture.read()
+            if not ok:
+                break
+            if index % every == 0:
+                path = out_dir / f"{Path(video).stem}_{index:05d}.jpg"
+                cv2.imwrite(str(path), frame)
+                frames.append(path)
+            index += 1
+    finally:
+        capture.release()
+    if not frames:
+        raise BuilderError(f"training video {video} has no frame")
+    return frames
+
+
+class AugmentedImages:
+    """Deterministic augmented model inputs: batch(step) depends only on (seed, step), so resuming is exact.
+
+    Images are decoded once (RGB uint8). Each sample: random crop (area fraction in [min_crop_area, 1], aspect
+    3:4..4:3), horizontal flip with p=0.5, colour jitter (brightness, contrast, saturation each by a factor in
+    1 +- colour_jitter), stretch resize to (width, height): the fixture detector's preprocessing, raw 0..255.
+    """
+
+    def __init__(self, images: Sequence[Path], size: tuple[int, int], settings: DistillSettings) -> None:
+        from PIL import Image, ImageOps
+
+        if not images:
+            raise BuilderError("no training images")
+        self.size = size  # (width, height)
+        self.settings = settings
+        self.images = []
+        for path in images:
+            with Image.open(path) as img:
+                self.images.append(ImageOps.exif_transpose(img).convert("RGB"))
+        self.names = [Path(p).name for p in images]
+
+    def sample(self, rng: np.random.Generator) -> np.ndarray:
+        from PIL import Image, ImageEnhance
+
+        img = self.images[int(rng.integers(len(self.images)))]
+        w, h = img.size
+        area = rng.uniform(self.settings.min_crop_area, 1.0) * w * h
+        aspect = float(np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3))))
+        cw = int(min(w, max(16, round(np.sqrt(area * aspect)))))
+        ch = int(min(h, max(16, round(np.sqrt(area / aspect)))))
+        x0, y0 = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+        crop = img.crop((x0, y0, x0 + cw, y0 + ch))
+        if rng.random() < 0.5:
+            crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        j = self.settings.colour_jitter
+        for enhancer in (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color):
+            crop = enhancer(crop).enhance(float(rng.uniform(1 - j, 1 + j)))
+        crop = crop.resize(self.size, Image.Resampling.BILINEAR)
+        return np.asarray(crop, dtype=np.float32)
+
+    def batch(self, step: int, batch_size: int) -> np.ndarray:
+        """[batch_size, H, W, 3] float32 raw 0..255 for training step `step`."""
+        rng = np.random.default_rng([self.settings.seed, step])
+        return np.stack([self.sample(rng) for _ in range(batch_size)])
+
+
+class OnnxTeacher:
+    """The FP32 teacher in ONNX Runtime: (heatmap probabilities, size map), both NHWC, for an NHWC batch."""
+
+    def __init__(self, model: Path, input_name: str, heatmap: str = "tower_0/keypoints", size_map: str = "tower_0/wh",
+                 threads: int = 1) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+        self.input_name, self.outputs = input_name, [heatmap, size_map]
+        names = {o.name for o in self.session.get_outputs()}
+        missing = [n for n in self.outputs if n not in names]
+        if missing:
+            raise BuilderError(f"teacher {model} has no output(s) {missing}; it has {sorted(names)}")
+        shape = self.session.get_inputs()[0].shape
+        self.fixed_batch = shape[0] if isinstance(shape[0], int) else None
+
+    def __call__(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if self.fixed_batch == 1 and len(batch) > 1:
+            parts = [self.session.run(self.outputs, {self.input_name: batch[i:i + 1]}) for i in range(len(batch))]
+            return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+        heat, size = self.session.run(self.outputs, {self.input_name: batch})
+        return heat, size
+
+
+# --- losses -------------------------------------------------------------------------------------
+
+
+def _nhwc(tensor, layout: str):
+    return tensor.permute(0, 2, 3, 1) if layout == "NCHW" else tensor
+
+
+def student_heads(outputs: Any, io_spec: StudentIO):
+    """(heatmap logits, size map), both NHWC, from the student's forward output."""
+    import torch
+
+    if not isinstance(outputs, (tuple, list)) or len(outputs) != 2:
+        raise BuilderError(f"the student must return (heatmap, size_map), got {type(outputs).__name__}"
+                           f"{'' if not isinstance(outputs, (tuple, list)) else f' of {len(outputs)}'}")
+    heat, size = (_nhwc(t, io_spec.output_layout) for t in outputs)
+    if io_spec.heatmap == "probabilities":
+        heat = torch.logit(heat.clamp(_EPS, 1 - _EPS))
+    return heat, size
+
+
+def distill_loss(student_logits, student_size, teacher_prob, teacher_size, temperature: float, size_weight: float):
+    """Soft heatmap BCE at temperature T (x T^2) + confidence-weighted L1 on the size map; returns (total, parts)."""
+    import torch
+    import torch.nn.functional as F
+
+    t = float(temperature)
+    teacher_logits = torch.logit(teacher_prob.clamp(_EPS, 1 - _EPS))
+    heat = F.binary_cross_entropy_with_logits(student_logits / t, torch.sigmoid(teacher_logits / t)) * t * t
+    weight = teacher_prob.amax(dim=-1, keepdim=True)
+    size = (weight * (student_size - teacher_size).abs()).sum() / (weight.sum() * student_size.shape[-1] + _EPS)
+    return heat + size_weight * size, {"heatmap": float(heat.detach()), "size": float(size.detach())}
+
+
+def teacher_peaks(teacher_prob, threshold: float):
+    """1.0 at the teacher's detections: 3x3 local maxima of the NHWC heatmap at or above threshold."""
+    import torch.nn.functional as F
+
+    nchw = teacher_prob.permute(0, 3, 1, 2)
+    pooled = F.max_pool2d(nchw, 3, stride=1, padding=1)
+    peaks = ((nchw == pooled) & (nchw >= threshold)).float()
+    return peaks.permute(0, 2, 3, 1)
+
+
+def plain_loss(student_logits, student_size, teacher_prob, teacher_size, threshold: float, size_weight: float):
+    """CenterNet focal loss with the teacher's peaks as labels + L1 size at the peaks; returns (total, parts)."""
+    import torch
+    import torch.nn.functional as F
+
+    peaks = teacher_peaks(teacher_prob, threshold)
+    p = torch.sigmoid(student_logits).clamp(_EPS, 1 - _EPS)
+    reduce = torch.where(peaks > 0, torch.zeros_like(teacher_prob), (1 - teacher_prob) ** 4)
+    pos = -(peaks * (1 - p) ** 2 * F.logsigmoid(student_logits)).sum()
+    neg = -(reduce * p ** 2 * F.logsigmoid(-student_logits)).sum()
+    count = peaks.sum().clamp(min=1.0)
+    heat = (pos + neg) / count
+    at = peaks.amax(dim=-1, keepdim=True)
+    size = (at * (student_size - teacher_size).abs()).sum() / (count * student_size.shape[-1])
+    return heat + size_weight * size, {"heatmap": float(heat.detach()), "size": float(size.detach())}
+
+
+# --- training -----------------------------------------------------------------------------------
+
+
+class ProgressBar:
+    """A one-line text progress bar on a stream (stderr): step/total, loss, elapsed and remaining seconds."""
+
+    def __init__(self, total: int, label: str, stream: Any = None, width: int = 24) -> None:
+        self.total, self.label, self.width = total, label, width
+        self.stream = stream if stream is not None else sys.stderr
+        self.started = time.monotonic()
+
+    def update(self, done: int, loss: float) -> None:
+        frac = min(1.0, done / max(1, self.total))
+        elapsed = time.monotonic() - self.started
+        eta = elapsed / frac - elapsed if frac > 0 else float("nan")
+        bar = "#" * int(frac * self.width) + "." * (self.width - int(frac * self.width))
+        end = "\n" if done >= self.total else ""
+        self.stream.write(f"\r{self.label} [{bar}] {done}/{self.total} loss {loss:.4f} "
+                          f"{elapsed:.0f}s elapsed, ~{eta:.0f}s left{end}")
+        self.stream.flush()
+
+    def close(self) -> None:
+        self.stream.write("\n")
+        self.stream.flush()
+
+
+def _save_checkpoint(path: Path, student, optimizer, step: int, losses: list[float], settings: DistillSettings) -> None:
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save({"student": student.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "losses": losses,
+                "fingerprint": settings.fingerprint()}, buffer)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(buffer.getvalue())
+    tmp.replace(path)  # complete or absent
+
+
+def distill(student, teacher: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]], data: AugmentedImages,
+            settings: DistillSettings, *, io_spec: StudentIO = StudentIO(), checkpoint: Path | None = None,
+            progress: bool = True, label: str | None = None) -> DistillResult:
+    """Train `student` in place toward the teacher's outputs; resumes from `checkpoint` when it matches.
+
+    Stops after settings.steps steps in all (resumed steps count) or when this call has trained max_seconds.
+    A checkpoint written with other settings (mode, temperature, learning rate, seed...) is an error, not
+    silently reused.
+    """
+    import torch
+
+    torch.set_num_threads(settings.threads)
+    torch.manual_seed(settings.seed)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay)
+    start_step, losses = 0, []
+    if checkpoint is not None and Path(checkpoint).is_file():
+        state = torch.load(str(checkpoint), map_location="cpu", weights_only=False)
+        if state.get("fingerprint") != settings.fingerprint():
+            raise BuilderError(f"checkpoint {checkpoint} was written with other distillation settings; "
+                               "remove it or use the same settings to resume")
+        student.load_state_dict(state["student"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_step, losses = int(state["step"]), list(state["losses"])
+    bar = ProgressBar(settings.steps, label or settings.mode) if progress else None
+    student.train()
+    started, step, stopped_by = time.monotonic(), start_step, "steps"
+    while step < settings.steps:
+        if settings.max_seconds is not None and time.monotonic() - started >= settings.max_seconds:
+            stopped_by = "time"
+            break
+        batch = data.batch(step, settings.batch_size)
+        teacher_heat, teacher_size = (torch.from_numpy(np.ascontiguousarray(a)) for a in teacher(batch))
+        inputs = torch.from_numpy(batch)
+        if io_spec.input_layout == "NCHW":
+            inputs = inputs.permute(0, 3, 1, 2).contiguous()
+        heat, size = student_heads(student(inputs), io_spec)
+        if settings.mode == "distill":
+            loss, _ = distill_loss(heat, size, teacher_heat, teacher_size, settings.temperature, settings.size_weight)
+        else:
+            loss, _ = plain_loss(heat, size, teacher_heat, teacher_size, settings.score_threshold, settings.size_weight)
+        if not torch.isfinite(loss):
+            raise BuilderError(f"{settings.mode} step {step}: the loss is {float(loss)}; lower the learning rate")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        step += 1
+        losses.append(float(loss))
+        if bar is not None:
+            bar.update(step, losses[-1])
+        if checkpoint is not None and step % settings.checkpoint_every == 0:
+            _save_checkpoint(Path(checkpoint), student, optimizer, step, losses, settings)
+    if bar is not None and stopped_by == "time":
+        bar.close()
+    if checkpoint is not None and step > start_step:
+        _save_checkpoint(Path(checkpoint), student, optimizer, step, losses, settings)
+    student.eval()
+    return DistillResult(steps=step, seconds=time.monotonic() - started, losses=losses, resumed_from=start_step,
+                         stopped_by=stopped_by, checkpoint=str(checkpoint) if checkpoint is not None else None)
