@@ -12,18 +12,17 @@ in the caller's folder. The equivalent command, for compose or a service unit, i
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import tempfile
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import IO, Sequence
+from typing import Sequence
 
-from edgestack.server import free_port, stop_process_group
+from edgestack.server import free_port
 from fleet.errors import RegistryError
 from fleet.registry import quiet_mlflow_environment
+from fleet.service_process import ServiceProcess
 
 
 def destination_uri(destination: Path | str) -> str:
@@ -36,30 +35,28 @@ def destination_uri(destination: Path | str) -> str:
     return folder.as_uri()
 
 
-class MlflowServer:
+class MlflowServer(ServiceProcess):
     """An `mlflow server --serve-artifacts` on loopback; a context manager that always stops it by PID."""
+
+    name = "mlflow server"
+    error = RegistryError
+    start_hint = "port taken? backend store unreachable?"
 
     def __init__(self, backend_store_uri: str, artifacts_destination: Path | str, port: int = 0, *,
                  host: str = "127.0.0.1", workdir: Path | str | None = None, log_path: Path | str | None = None,
                  extra_args: Sequence[str] = ()) -> None:
+        super().__init__(log_path)
         self.backend_store_uri = backend_store_uri
         self.artifacts_destination = artifacts_destination
         self.host = host
         self.port = port or free_port()
         self.workdir = Path(workdir) if workdir else None
-        self.log_path = Path(log_path) if log_path else None
         self.extra_args = tuple(extra_args)
-        self.process: subprocess.Popen | None = None
-        self._log: IO | int | None = None
         self._tmp: tempfile.TemporaryDirectory | None = None
 
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
-
-    @property
-    def pid(self) -> int | None:
-        return self.process.pid if self.process else None
 
     def command(self) -> list[str]:
         return [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", self.backend_store_uri,
@@ -73,20 +70,11 @@ class MlflowServer:
         return env
 
     def start(self, timeout_s: float = 120.0) -> "MlflowServer":
-        if self.process is not None and self.process.poll() is None:
-            return self
         if self.workdir is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="edgestack-mlflow-")
             self.workdir = Path(self._tmp.name)
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self._log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
-        self.process = subprocess.Popen(self.command(), cwd=self.workdir, env=self.environment(), stdout=self._log,
-                                        stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            self.wait_ready(timeout_s)
-        except BaseException:
-            self.stop()
-            raise
+        super().start(timeout_s)
         return self
 
     def is_ready(self) -> bool:
@@ -96,39 +84,9 @@ class MlflowServer:
         except (urllib.error.URLError, OSError):
             return False
 
-    def wait_ready(self, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process is not None and self.process.poll() is not None:
-                raise RegistryError(f"mlflow server exited with code {self.process.returncode} while starting "
-                                    f"(port {self.port} taken? backend {self.backend_store_uri} unreachable?)"
-                                    f"{self._last_log_line()}; log: {self.log_path}")
-            if self.is_ready():
-                return
-            time.sleep(0.2)
-        raise RegistryError(f"mlflow server was not ready within {timeout_s:.0f}s on {self.url}; log: {self.log_path}")
-
-    def _last_log_line(self) -> str:
-        try:
-            lines = self.log_path.read_text(errors="replace").strip().splitlines() if self.log_path else []
-        except OSError:
-            return ""
-        return f": {lines[-1][:300]}" if lines else ""
-
     def stop(self, timeout_s: float = 15.0) -> None:
         """SIGTERM the server's process group (mlflow, uvicorn and its worker), SIGKILL it if it lingers."""
-        process, self.process = self.process, None
-        if process is not None:
-            stop_process_group(process, timeout_s)
-        if self._log not in (None, subprocess.DEVNULL):
-            self._log.close()
-        self._log = None
+        super().stop(timeout_s)
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp, self.workdir = None, None
-
-    def __enter__(self) -> "MlflowServer":
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
