@@ -35,7 +35,8 @@ def preprocess_settings(spec: PipelineSpec, target: TargetProfile | None = None)
 
 
 def postprocess_settings(spec: PipelineSpec) -> PostprocessSettings:
-    return PostprocessSettings(format=spec.output.format, classes=spec.classes, thresholds=spec.thresholds)
+    return PostprocessSettings(format=spec.output.format, classes=spec.classes, thresholds=spec.thresholds,
+                               decode=spec.decode_options)
 
 
 def detector_settings(spec: PipelineSpec, target: TargetProfile, fixed_batch: int | None) -> DetectorSettings:

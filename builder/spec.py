@@ -14,7 +14,7 @@ import yaml
 
 from backends.common.settings import DecodeLimits as Limits
 from backends.common.settings import InputSpec, RouterSettings, Thresholds
-from backends.postprocess.formats import FORMATS
+from backends.postprocess.formats import FORMATS, OPTION_FIELDS, DecodeOptions
 from builder.errors import SpecError
 from builder.targets import TARGETS
 
@@ -36,6 +36,20 @@ class OutputSpec:
     name: str = ""
     format: str = "detections"
     names: tuple[str, ...] = ()
+    # How the tensors encode boxes and classes (formats.DecodeOptions); None: the format's own convention.
+    box_encoding: str | None = None  # xyxy | yxyx | cxcywh
+    normalized: bool | None = None  # boxes in [0, 1] of the model input instead of pixels
+    class_offset: int | None = None  # subtracted from the model's class ids: 1 where 0 is background
+    strides: tuple[int, ...] | None = None  # yolox: the head's grid strides
+    score_activation: str | None = None  # rtdetr: sigmoid | none
+
+    def decode_options(self, input_height: int, input_width: int) -> DecodeOptions:
+        """The format's DecodeOptions with this spec's values over its defaults, for a model input of that size."""
+        given = {name: getattr(self, name) for name in OPTION_FIELDS}
+        try:
+            return FORMATS[self.format].decode_options(given, input_height, input_width)
+        except (TypeError, ValueError) as exc:
+            raise SpecError(f"model.output: {exc}") from None
 
     def __post_init__(self) -> None:
         _require(self.format in FORMATS, f"model.output.format {self.format!r} is not one of: " + "; ".join(
@@ -60,6 +74,7 @@ class OutputSpec:
         _require(len(set(names)) == len(names), f"model.output.names must name different tensors, got {list(names)}")
         object.__setattr__(self, "names", names)
         object.__setattr__(self, "name", names[0] if len(roles) == 1 else "")
+        self.decode_options(1, 1)  # refuses an option the format does not take, or an invalid value, by name
 
 
 @dataclass(frozen=True)
@@ -105,6 +120,11 @@ class PipelineSpec:
         if self.input.layout == "NHWC":
             return (self.input.height, self.input.width, 3)
         return (3, self.input.height, self.input.width)
+
+    @property
+    def decode_options(self) -> DecodeOptions:
+        """How postprocess reads the model's outputs: the format's conventions, the spec's overrides, the input size."""
+        return self.output.decode_options(self.input.height, self.input.width)
 
     def replace(self, **changes: Any) -> "PipelineSpec":
         return dataclasses.replace(self, **changes)

@@ -18,7 +18,7 @@ import numpy as np
 from backends.common.geometry import RESIZE_MODES
 from backends.common.tensors import CONFIG_PARAMETER
 from backends.errors import SettingsError
-from backends.postprocess.formats import FORMATS
+from backends.postprocess.formats import FORMATS, DecodeOptions
 
 RUNTIMES = ("onnxruntime", "openvino")
 
@@ -274,11 +274,12 @@ class DetectorSettings(JsonSettings):
 class PostprocessSettings(JsonSettings):
     """The postprocess step: how the detector's outputs are decoded (format), named (classes) and filtered."""
 
-    NESTED: ClassVar[Mapping[str, type]] = {"thresholds": Thresholds}
+    NESTED: ClassVar[Mapping[str, type]] = {"thresholds": Thresholds, "decode": DecodeOptions}
 
     format: str
     classes: tuple[str, ...]
     thresholds: Thresholds = Thresholds()
+    decode: Optional[DecodeOptions] = None  # box encoding, class offset... (None: the format's defaults)
 
     def __post_init__(self) -> None:
         _require(self.format in FORMATS, f"postprocess format {self.format!r} is not one of {sorted(FORMATS)}")
@@ -286,6 +287,8 @@ class PostprocessSettings(JsonSettings):
         _require(bool(classes) and all(isinstance(c, str) for c in classes), f"postprocess classes must be a non-empty list of names, got {self.classes!r}")
         object.__setattr__(self, "classes", classes)
         _require(isinstance(self.thresholds, Thresholds), f"postprocess thresholds must be Thresholds, got {self.thresholds!r}")
+        _require(self.decode is None or isinstance(self.decode, DecodeOptions),
+                 f"postprocess decode must be DecodeOptions, got {self.decode!r}")
 
     @property
     def roles(self) -> tuple[str, ...]:
@@ -297,7 +300,8 @@ class PostprocessSettings(JsonSettings):
         settings' (evaluation keeps the low-score tail)."""
         t = self.thresholds
         return dict(num_classes=len(self.classes), score_threshold=t.score if score_threshold is None else score_threshold,
-                    iou_threshold=t.iou, max_detections=t.max_detections, class_agnostic=t.class_agnostic)
+                    iou_threshold=t.iou, max_detections=t.max_detections, class_agnostic=t.class_agnostic,
+                    options=self.decode)
 
 
 @dataclass(frozen=True)

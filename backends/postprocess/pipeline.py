@@ -1,13 +1,13 @@
 """One image's raw detector output -> final detections on original-image pixels."""
 from __future__ import annotations
 
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
 
 from backends.common.geometry import Transform, map_boxes_to_original
 from backends.errors import InvalidTensorError
-from backends.postprocess.formats import get_format
+from backends.postprocess.formats import DecodeOptions, get_format
 from backends.postprocess.nms import batched_nms
 
 Detections = tuple[np.ndarray, np.ndarray, np.ndarray]
@@ -27,10 +27,12 @@ def postprocess_image(
     iou_threshold: float,
     max_detections: int,
     class_agnostic: bool = False,
+    options: Optional[DecodeOptions] = None,
 ) -> Detections:
     """Decode, keep score > score_threshold, NMS, map to original pixels, keep the best max_detections.
 
     raw is the detector's output tensor, or one per output of the format (formats.OutputFormat.outputs).
+    options: how the format's tensors encode boxes and classes (the spec's; None: the format's defaults).
     transform is a Transform (or its float32[6] array form). Boxes that are empty after mapping and
     clipping to the image are dropped before the max_detections cut. Returns boxes float32 [K, 4]
     (x1, y1, x2, y2), scores float32 [K], class_ids int32 [K], in descending score order.
@@ -48,7 +50,7 @@ def postprocess_image(
     if len(tensors) != len(fmt.outputs):
         raise InvalidTensorError(f"format {fmt.name!r} reads {len(fmt.outputs)} output tensor(s) "
                                  f"({', '.join(fmt.outputs)}), got {len(tensors)}")
-    boxes, scores, class_ids = fmt.decode(tensors, num_classes, score_threshold=score_threshold)
+    boxes, scores, class_ids = fmt.decode(tensors, num_classes, score_threshold=score_threshold, options=options)
     if scores.size == 0 or max_detections == 0:
         return _empty()
 

@@ -189,7 +189,7 @@ def test_decode_yolov8_wrong_channel_count_raises():
 
 
 def test_format_registry_uniform_signature():
-    assert set(FORMATS) == {"detections", "yolov8", "boxes_scores"}
+    assert {"detections", "yolov8", "boxes_scores", "yolov5", "tf_od_api", "torchvision", "rtdetr", "yolox"} <= set(FORMATS)
     assert FORMATS["yolov8"].decode([yolov8_tensor()], 3)[2].tolist() == [1, 0, 2, 2]
     assert FORMATS["detections"].decode([np.array([[0, 0, 1, 1, 0.5, 1]])], 3)[2].tolist() == [1]
     assert all(len(f.outputs) >= 1 and f.summary for f in FORMATS.values())
@@ -213,7 +213,7 @@ def test_format_shape_checks_agree_with_the_decoders(name, shape, classes, probl
 
 
 def test_postprocess_refuses_unknown_format_and_wrong_tensor_count():
-    with pytest.raises(InvalidTensorError, match="unknown output format 'ssd'; known: boxes_scores, detections, yolov8"):
+    with pytest.raises(InvalidTensorError, match="unknown output format 'ssd'; known: boxes_scores, detections, rtdetr, "):
         postprocess_image(np.zeros((1, 6), np.float32), "ssd", IDENTITY, **KW)
     with pytest.raises(InvalidTensorError, match="reads 1 output tensor"):
         postprocess_image([np.zeros((1, 6), np.float32)] * 2, "detections", IDENTITY, **KW)

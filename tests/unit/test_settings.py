@@ -100,7 +100,7 @@ def test_postprocess_options_are_postprocess_image_keywords():
     settings = PostprocessSettings("yolov8", ("a", "b", "c"), Thresholds(0.4, 0.6, 9, True))
     assert settings.roles == ("predictions",)
     assert settings.options() == dict(num_classes=3, score_threshold=0.4, iou_threshold=0.6, max_detections=9,
-                                      class_agnostic=True)
+                                      class_agnostic=True, options=None)
     assert settings.options(0.05)["score_threshold"] == 0.05
 
 
@@ -143,4 +143,4 @@ def test_pipeline_settings_are_the_source_models(spec):
     settings = builder_settings.pipeline_settings(spec)
     assert settings.input_name == spec.input_name and settings.output_names == (spec.output.name,)
     assert settings.preprocess == PreprocessSettings(spec.input, spec.limits)
-    assert settings.postprocess == PostprocessSettings(spec.output.format, spec.classes, spec.thresholds)
+    assert settings.postprocess == PostprocessSettings(spec.output.format, spec.classes, spec.thresholds, spec.decode_options)

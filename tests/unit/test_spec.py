@@ -409,7 +409,9 @@ def two_output_spec(output: dict) -> dict:
 def test_output_names_of_a_two_output_format_in_role_order(tmp_path, names):
     spec = load_spec(write_spec(tmp_path, two_output_spec({"format": "boxes_scores", "names": names})))
     assert spec.output.names == ("b", "s") and spec.output.name == ""
-    assert spec.to_dict()["output"] == {"name": "", "format": "boxes_scores", "names": ("b", "s")}
+    assert spec.to_dict()["output"] == {"name": "", "format": "boxes_scores", "names": ("b", "s"), "box_encoding": None,
+                                        "normalized": None, "class_offset": None, "strides": None,
+                                        "score_activation": None}
 
 
 def test_output_name_of_a_one_output_format_fills_names():

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import importlib
 
-from backends.postprocess.formats.base import Decoded, OutputFormat, Shape
+from backends.postprocess.formats.base import BOX_ENCODINGS, OPTION_FIELDS, Decoded, DecodeOptions, OutputFormat, Shape
 
-_MODULES = ("detections", "yolov8", "boxes_scores")
+_MODULES = ("detections", "yolov8", "boxes_scores", "yolov5", "tf_od_api", "torchvision", "rtdetr", "yolox")
 
 FORMATS: dict[str, OutputFormat] = {}
 
@@ -34,4 +34,4 @@ def get_format(name: str) -> OutputFormat:
 for _module in _MODULES:
     register(importlib.import_module(f"{__name__}.{_module}").FORMAT)
 
-__all__ = ["Decoded", "FORMATS", "OutputFormat", "Shape", "get_format", "register"]
+__all__ = ["BOX_ENCODINGS", "OPTION_FIELDS", "Decoded", "DecodeOptions", "FORMATS", "OutputFormat", "Shape", "get_format", "register"]

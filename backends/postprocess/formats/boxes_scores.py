@@ -1,6 +1,7 @@
 """`boxes_scores`: two outputs, boxes [B, N, 4] (x1, y1, x2, y2 in model-input pixels) and per-class scores
 [B, N, C], as many SSD / RetinaNet exports give them once their anchors are decoded. No background column: score
-column c is class c of the spec. Each candidate keeps its best class."""
+column c is class c of the spec. Each candidate keeps its best class. Options: box_encoding, normalized (boxes in
+another encoding, or in [0, 1] of the model input)."""
 from __future__ import annotations
 
 from typing import Optional, Sequence
@@ -8,7 +9,8 @@ from typing import Optional, Sequence
 import numpy as np
 
 from backends.errors import InvalidTensorError
-from backends.postprocess.formats.base import Decoded, OutputFormat, Shape, finish, squeeze_batch
+from backends.postprocess.formats.base import (Decoded, DecodeOptions, OutputFormat, Shape, finish, squeeze_batch,
+                                               to_xyxy_pixels)
 
 
 def check_shapes(shapes: Sequence[Shape], num_classes: int) -> Optional[str]:
@@ -24,7 +26,7 @@ def check_shapes(shapes: Sequence[Shape], num_classes: int) -> Optional[str]:
 
 
 def decode_boxes_scores(boxes: np.ndarray, scores: np.ndarray, num_classes: int, *,
-                        score_threshold: Optional[float] = None) -> Decoded:
+                        score_threshold: Optional[float] = None, options: Optional[DecodeOptions] = None) -> Decoded:
     """[N, 4] + [N, C] (or each with a batch of one): score = the best class score, class = its index."""
     if num_classes is None or int(num_classes) < 1:
         raise InvalidTensorError(f"boxes_scores: num_classes must be a positive integer, got {num_classes!r}")
@@ -40,6 +42,8 @@ def decode_boxes_scores(boxes: np.ndarray, scores: np.ndarray, num_classes: int,
     if score_threshold is not None:
         keep = best > score_threshold
         boxes, best, class_ids = boxes[keep], best[keep], class_ids[keep]
+    if options is not None:
+        boxes = to_xyxy_pixels(boxes, options)
     return finish(boxes, best, class_ids)
 
 
@@ -48,6 +52,7 @@ FORMAT = OutputFormat(
     summary="boxes [B, N, 4] x1 y1 x2 y2 in model-input pixels + scores [B, N, C], one column per class",
     outputs=("boxes", "scores"),
     check_shapes=check_shapes,
-    decode=lambda tensors, num_classes, *, score_threshold=None: decode_boxes_scores(
-        tensors[0], tensors[1], num_classes, score_threshold=score_threshold),
+    decode=lambda tensors, num_classes, *, score_threshold=None, options=None: decode_boxes_scores(
+        tensors[0], tensors[1], num_classes, score_threshold=score_threshold, options=options),
+    options=("box_encoding", "normalized"),
 )
