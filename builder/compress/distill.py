@@ -4,9 +4,10 @@ The teacher is the served ONNX detector run in ONNX Runtime on the very same aug
 its class heatmap (`tower_0/keypoints`, sigmoid probabilities, NHWC) and size/offset map (`tower_0/wh`) are the
 targets. Two modes, same data, same steps, so the report can compare them:
 
-- "distill": knowledge distillation. Heatmap: binary cross-entropy between sigmoid(student_logit / T) and
-  sigmoid(teacher_logit / T), times T^2 (Hinton's scaling), over every pixel and class; size map: L1 weighted by
-  the teacher's per-pixel class confidence (the size matters where there is an object).
+- "distill": knowledge distillation. Heatmap: binary KL divergence (cross-entropy less the targets' entropy) of sigmoid(student_logit / T) from
+  sigmoid(teacher_logit / T), times T^2 (Hinton's scaling), summed over classes, averaged over pixels; size map: L1
+  weighted by the teacher's per-pixel class confidence (the size matters where there is an object), relative to
+  the teacher map's mean magnitude.
 - "plain": fine-tuning as one would with labels, the teacher's detections taken as the labels: CenterNet's
   penalty-reduced focal loss with 1 at the teacher's heatmap peaks (3x3 local maxima >= the score threshold) and
   L1 on the size map at those peaks only. No temperature, no dense soft targets.
@@ -64,7 +65,7 @@ class StudentIO:
 class DistillSettings:
     mode: str = "distill"
     temperature: float = 2.0
-    size_weight: float = 0.1
+    size_weight: float = 1.0
     steps: int = 300
     max_seconds: float | None = None
     batch_size: int = 2
@@ -258,15 +259,21 @@ def student_heads(outputs: Any, io_spec: StudentIO):
 
 
 def distill_loss(student_logits, student_size, teacher_prob, teacher_size, temperature: float, size_weight: float):
-    """Soft heatmap BCE at temperature T (x T^2) + confidence-weighted L1 on the size map; returns (total, parts)."""
+    """Soft heatmap KL (binary, per pixel and class) at temperature T (x T^2, summed over classes, averaged over pixels)
+    + confidence-weighted L1 on the size map relative to its mean magnitude; returns (total, parts)."""
     import torch
     import torch.nn.functional as F
 
     t = float(temperature)
     teacher_logits = torch.logit(teacher_prob.clamp(_EPS, 1 - _EPS))
-    heat = F.binary_cross_entropy_with_logits(student_logits / t, torch.sigmoid(teacher_logits / t)) * t * t
+    soft = torch.sigmoid(teacher_logits / t)
+    # KL divergence per pixel and class (BCE minus the soft targets' own entropy): 0 when the student is the teacher
+    kl = (F.binary_cross_entropy_with_logits(student_logits / t, soft, reduction="none")
+          - F.binary_cross_entropy_with_logits(teacher_logits / t, soft, reduction="none"))
+    heat = kl.sum(dim=-1).mean() * t * t  # summed over classes, averaged over pixels
     weight = teacher_prob.amax(dim=-1, keepdim=True)
     size = (weight * (student_size - teacher_size).abs()).sum() / (weight.sum() * student_size.shape[-1] + _EPS)
+    size = size / (teacher_size.abs().mean() + _EPS)  # relative to the map's scale (input pixels for the fixture)
     return heat + size_weight * size, {"heatmap": float(heat.detach()), "size": float(size.detach())}
 
 
@@ -294,6 +301,7 @@ def plain_loss(student_logits, student_size, teacher_prob, teacher_size, thresho
     heat = (pos + neg) / count
     at = peaks.amax(dim=-1, keepdim=True)
     size = (at * (student_size - teacher_size).abs()).sum() / (count * student_size.shape[-1])
+    size = size / (teacher_size.abs().mean() + _EPS)
     return heat + size_weight * size, {"heatmap": float(heat.detach()), "size": float(size.detach())}
 
 
@@ -380,7 +388,7 @@ def distill(student, teacher: Callable[[np.ndarray], tuple[np.ndarray, np.ndarra
         loss.backward()
         optimizer.step()
         step += 1
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if bar is not None:
             bar.update(step, losses[-1])
         if checkpoint is not None and step % settings.checkpoint_every == 0:
