@@ -104,7 +104,8 @@ def server(spec, variants, tmp_path_factory) -> Iterator[TritonServer]:
     low = dataclasses.replace(spec.thresholds, score=evaluate.MAP_SCORE_THRESHOLD)
     for name, variant in variants.items():
         served = spec.replace(name=pipeline_name(name), thresholds=low)
-        render_repository(served, repository, target_for(served), variant=variant)
+        # one detector instance each (the target's default is 2): what is checked is what each pipeline answers
+        render_repository(served, repository, target_for(served, detector_instances=1), variant=variant)
     started = time.perf_counter()
     with TritonServer(repository, log_path=tmp / "tritonserver.log") as running:
         print(f"\ntritonserver with {len(variants)} pipelines ready in {time.perf_counter() - started:.1f} s")

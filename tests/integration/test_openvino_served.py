@@ -70,7 +70,9 @@ def served(request, spec, shared_variants, tmp_path_factory) -> Iterator[tuple[s
         variant = shared_variants.openvino("fp32")
     print(f"\n{variant.name} ready in {time.perf_counter() - started:.1f} s")
     intel = spec.replace(target="intel")
-    repository = render_repository(intel, tmp / "model_repository", target_for(intel), variant=variant)
+    # one detector instance (the target's default is 2): what is checked is what the variant answers, and batches
+    repository = render_repository(intel, tmp / "model_repository", target_for(intel, detector_instances=1),
+                                   variant=variant)
     server = TritonServer(repository, log_path=tmp / "tritonserver.log")
     with server:
         pid = server.pid
