@@ -29,6 +29,7 @@ from builder.model_inspect import ModelInterface, inspect_onnx
 from builder.settings import detector_model_filename, fuses_input, pipeline_settings
 from builder.spec import PipelineSpec
 from builder.targets import TargetProfile, make_target
+from builder.trial_run import check_trial_run
 from builder.triton_config import ModelConfig
 from builder.triton_config_render import write_config
 
@@ -190,6 +191,7 @@ def render_repository(spec: PipelineSpec, out: Path, target: TargetProfile | Non
         target = target_for_variant(target, variant)
     interface = inspect_onnx(spec.model_path)
     check_interface(spec, interface)
+    check_trial_run(spec, interface)  # runs the model once: outputs the declared format does not read are refused
     if variant is not None:
         _check_variant(spec, variant)
     configs = steps.pipeline_configs(spec, target, interface)

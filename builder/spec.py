@@ -16,6 +16,7 @@ from backends.common.settings import DecodeLimits as Limits
 from backends.common.settings import InputSpec, RouterSettings, Thresholds
 from backends.postprocess.formats import FORMATS, OPTION_FIELDS, DecodeOptions
 from builder.errors import SpecError
+from builder.pipeline_choice import PipelineChoice, parse_pipeline
 from builder.targets import TARGETS
 
 OUTPUT_FORMATS = tuple(FORMATS)
@@ -106,6 +107,7 @@ class PipelineSpec:
     router: RouterSettings = field(default_factory=RouterSettings)
     runtime: RuntimeSpec = field(default_factory=RuntimeSpec)
     target: str = "cpu"
+    pipeline: PipelineChoice = field(default_factory=PipelineChoice)  # which models serve it (ensembles/)
 
     def __post_init__(self) -> None:
         _require(bool(self.input_name), "model.input.name must name the model's input tensor")
@@ -132,6 +134,9 @@ class PipelineSpec:
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["model_path"] = str(self.model_path)
+        second = data["pipeline"]["second"]
+        if second and second.get("path") is not None:
+            second["path"] = str(second["path"])
         return data
 
 
@@ -168,7 +173,7 @@ def _input_name(section: Any) -> str:
 def parse_spec(raw: Mapping[str, Any], base_dir: Path) -> PipelineSpec:
     """Build a PipelineSpec from a parsed YAML mapping; relative paths resolve against base_dir."""
     _require(isinstance(raw, Mapping), "a spec must be a YAML mapping")
-    known = {"name", "model", "classes", "thresholds", "limits", "router", "runtime", "target"}
+    known = {"name", "model", "classes", "thresholds", "limits", "router", "runtime", "target", "pipeline"}
     unknown = sorted(set(raw) - known)
     _require(not unknown, f"unknown top-level field(s) {unknown}; known: {sorted(known)}")
     model = raw.get("model")
@@ -188,6 +193,7 @@ def parse_spec(raw: Mapping[str, Any], base_dir: Path) -> PipelineSpec:
         router=_section(raw, "router", RouterSettings, ""),
         runtime=_section(raw, "runtime", RuntimeSpec, ""),
         target=str(raw.get("target", "cpu")),
+        pipeline=parse_pipeline(raw.get("pipeline"), base_dir),
     )
 
 

@@ -68,8 +68,10 @@ def _python_model(name: str, settings: JsonSettings, *, max_batch_size: int, tar
 
 
 def _model_outputs(spec: PipelineSpec, interface: ModelInterface) -> tuple[TensorConfig, ...]:
-    """The detector's output tensors, one per role of the output format, in its order."""
-    return tuple(TensorConfig(name, interface.outputs[name].dtype, interface.outputs[name].shape[1:])
+    """The detector's output tensors, one per role of the output format, in its order. One value per image
+    ([B], e.g. TF's num_detections) is [1] to the ensemble, reshaped to the model's []."""
+    return tuple(TensorConfig(name, interface.outputs[name].dtype, interface.outputs[name].shape[1:] or (1,),
+                              reshape=None if interface.outputs[name].shape[1:] else ())
                  for name in spec.output.names)
 
 

@@ -31,9 +31,12 @@ class DecodeLimits:
     max_pixels: int = 40_000_000
     max_side: int = 8192
     min_side: int = 16
+    # Pixels one request may decode over all its images (JPEGs count at their reduced draft size): later images
+    # past it fail alone, so one request cannot hold a preprocess instance for long.
+    max_request_pixels: int = 64_000_000
 
     def __post_init__(self) -> None:
-        for name in ("max_bytes", "max_pixels", "max_side", "min_side"):
+        for name in ("max_bytes", "max_pixels", "max_side", "min_side", "max_request_pixels"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"DecodeLimits.{name} must be a positive integer, got {value!r}")

@@ -22,6 +22,9 @@ CLASS_NAMES = "CLASS_NAMES"
 NUM_DETECTIONS = "NUM_DETECTIONS"
 SOURCE = "SOURCE"
 DEGRADED = "DEGRADED"
+# preprocess -> router and client: per image "" (ok) or "image <index>: <error>"; that image has no detections
+STATUS = "STATUS"
+STAGE = "STAGE"  # cascade -> client: which model answered each image (the cascade's stage names)
 
 DETECTION_OUTPUTS = (BOXES, SCORES, CLASS_IDS, CLASS_NAMES, NUM_DETECTIONS)
 EDGE_TO_FINAL = {

@@ -5,6 +5,7 @@ Plain functions (no Triton imports); model.py maps InvalidImageError to a per-re
 from __future__ import annotations
 
 import io
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
@@ -20,6 +21,7 @@ _WIDE_GRAY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 # DecodeLimits.max_pixels is enforced on the header before any pixel is decoded, so Pillow's own
 # process-wide bomb check is turned off: it would otherwise fire first with an unclear message.
 Image.MAX_IMAGE_PIXELS = None
+_EXIF_ORIENTATION = 0x0112
 
 
 def _check_size(width: int, height: int, limits: DecodeLimits) -> None:
@@ -40,6 +42,39 @@ def decode_image(data: bytes, limits: DecodeLimits = DecodeLimits()) -> np.ndarr
     alpha is dropped (transparent pixels keep their stored colour, as cv2.imread does) and 16-bit
     grayscale is scaled to 8 bit. Every failure raises InvalidImageError.
     """
+    return decode_reduced(data, limits).rgb
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """Decoded pixels, possibly at a reduced size, and the size of the original image (after EXIF orientation)."""
+
+    rgb: np.ndarray
+    original_h: int
+    original_w: int
+
+    @property
+    def original_size(self) -> tuple[int, int]:
+        return self.original_h, self.original_w
+
+
+class PixelBudget:
+    """The pixels one request may still decode (DecodeLimits.max_request_pixels), spent image by image."""
+
+    def __init__(self, pixels: int):
+        self.left = pixels
+
+    def spend(self, width: int, height: int) -> None:
+        if width * height > self.left:
+            raise InvalidImageError(f"decoding {width}x{height} pixels would exceed the request's pixel budget "
+                                    f"({self.left} pixels left of DecodeLimits.max_request_pixels)")
+        self.left -= width * height
+
+
+def decode_reduced(data: bytes, limits: DecodeLimits = DecodeLimits(), min_side: int | None = None,
+                   budget: PixelBudget | None = None) -> Decoded:
+    """decode_image, but a JPEG is decoded at the smallest DCT scale (1/2, 1/4, 1/8: Pillow's draft mode) that
+    keeps both sides >= min_side (None: full size), and the decoded pixels are charged to budget first."""
     size = memoryview(data).nbytes
     if size == 0:
         raise InvalidImageError("empty image bytes")
@@ -53,6 +88,16 @@ def decode_image(data: bytes, limits: DecodeLimits = DecodeLimits()) -> np.ndarr
         raise InvalidImageError(f"not a decodable image ({'/'.join(FORMATS)}): {exc}") from exc
     with img:
         _check_size(img.width, img.height, limits)
+        width, height = img.size
+        try:
+            swapped = img.getexif().get(_EXIF_ORIENTATION) in (5, 6, 7, 8)
+        except Exception:  # noqa: BLE001 - an unreadable EXIF block leaves the orientation alone
+            swapped = False
+        if min_side and img.format == "JPEG" and min(width, height) >= 2 * min_side:
+            img.draft(None, (min_side, min_side))  # changes img.size only where the file allows it
+        drafted = img.size != (width, height)
+        if budget is not None:
+            budget.spend(img.width, img.height)
         try:
             img.load()
             ImageOps.exif_transpose(img, in_place=True)
@@ -60,8 +105,10 @@ def decode_image(data: bytes, limits: DecodeLimits = DecodeLimits()) -> np.ndarr
             raise
         except Exception as exc:  # OSError("image file is truncated"), SyntaxError, zlib errors, ...
             raise InvalidImageError(f"image is truncated or corrupt: {exc}") from exc
-        _check_size(img.width, img.height, limits)
-        return _to_rgb(img)
+        if not drafted:
+            _check_size(img.width, img.height, limits)
+            return Decoded(_to_rgb(img), img.height, img.width)
+        return Decoded(_to_rgb(img), *((width, height) if swapped else (height, width)))
 
 
 def _to_rgb(img: Image.Image) -> np.ndarray:
@@ -87,13 +134,16 @@ def check_rgb(rgb: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(rgb)
 
 
-def prepare_input(rgb: np.ndarray, spec: InputSpec) -> tuple[np.ndarray, Transform]:
+def prepare_input(rgb: np.ndarray, spec: InputSpec, original_size: tuple[int, int] | None = None) -> tuple[np.ndarray, Transform]:
     """HxWx3 uint8 RGB -> model input without batch dim ((H, W, 3) or (3, H, W)) and its Transform.
 
-    The result may share memory with rgb when no resize, padding or conversion is needed.
+    original_size: (height, width) of the image rgb was decoded from at a reduced size (decode_reduced); the
+    Transform maps the model input back to it. The result may share memory with rgb when no resize, padding or
+    conversion is needed.
     """
     rgb = check_rgb(rgb)
-    t = compute_transform(rgb.shape[0], rgb.shape[1], spec.height, spec.width, spec.resize)
+    orig_h, orig_w = original_size or rgb.shape[:2]
+    t = compute_transform(orig_h, orig_w, spec.height, spec.width, spec.resize)
     img = rgb
     if (t.resized_h, t.resized_w) != rgb.shape[:2]:
         img = cv2.resize(img, (t.resized_w, t.resized_h), interpolation=cv2.INTER_LINEAR)

@@ -36,7 +36,9 @@ class TritonPythonModel:
     def _handle(self, request):
         images = [bytes(x) for x in input_array(request, T.IMAGE).reshape(-1)]
         edge = unpack(*(input_array(request, name) for name in EDGE_INPUTS))
-        routed = self.router.route(images, edge)
+        status = pb_utils.get_input_tensor_by_name(request, T.STATUS)
+        failed = [bool(s) for s in status.as_numpy().reshape(-1)] if status is not None else [False] * len(edge)
+        routed = self.router.route(images, edge, failed)
         for item in routed:
             if item.reason:
                 self.logger.log_warn(f"router: edge answer used, {item.reason}")

@@ -5,10 +5,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
+import numpy as np
+
 from backends.common.detections import Detections
 from backends.router.breaker import CircuitBreaker
 
 EDGE, CLOUD = "edge", "cloud"
+NO_DETECTIONS = Detections(np.zeros((0, 4), np.float32), np.zeros((0,), np.float32), np.zeros((0,), np.int32), ())
 
 
 @dataclass(frozen=True)
@@ -49,12 +52,16 @@ class Router:
             self.breaker.record_success()
         return Routed(result, CLOUD, False)
 
-    def route(self, images: Sequence[bytes], edge: Sequence[Detections]) -> list[Routed]:
-        """One decision per image; cloud calls for a batch run in parallel, each under its own deadline."""
+    def route(self, images: Sequence[bytes], edge: Sequence[Detections],
+              failed: Optional[Sequence[bool]] = None) -> list[Routed]:
+        """One decision per image; cloud calls for a batch run in parallel, each under its own deadline.
+        A failed image (preprocess could not use it: its STATUS) gets no detections and never goes to the cloud."""
         routed: list[Optional[Routed]] = [None] * len(edge)
         pending = {}
         for i, (image, det) in enumerate(zip(images, edge)):
-            if self.wants_cloud(det):
+            if failed is not None and failed[i]:
+                routed[i] = Routed(NO_DETECTIONS, EDGE, False, "")
+            elif self.wants_cloud(det):
                 pending[i] = self._pool.submit(self._via_cloud, image, det)
             else:
                 routed[i] = Routed(det, EDGE, False)
