@@ -218,7 +218,7 @@ def render_repository(spec: PipelineSpec, out: Path, target: TargetProfile | Non
             "target": asdict(target),
             "model_sha256": sha256_file(spec.model_path),
             "ensemble": configs.ensemble.name,
-            "outputs": [T.BOXES, T.SCORES, T.CLASS_IDS, T.CLASS_NAMES, T.NUM_DETECTIONS, T.SOURCE, T.DEGRADED],
+            "outputs": [T.BOXES, T.SCORES, T.CLASS_IDS, T.CLASS_NAMES, T.NUM_DETECTIONS, T.SOURCE, T.DEGRADED, T.STATUS],
         }
         if variant is not None:
             pipeline["variant"] = {

@@ -30,6 +30,9 @@ from builder.triton_config import (
 )
 
 CONFIG_PARAMETER = T.CONFIG_PARAMETER
+# Per image "" or "image <index>: <error>" (backends/preprocess/batch.py): preprocess -> router and the client
+STATUS_TENSOR = TensorConfig(T.STATUS, "BYTES", (1,))
+ROUTER_STATUS = TensorConfig(T.STATUS, "BYTES", (1,), optional=True)
 
 
 @dataclass(frozen=True)
@@ -134,7 +137,7 @@ def pipeline_configs(spec: PipelineSpec, target: TargetProfile, interface: Model
         max_batch_size=max_batch, target=target, kind=preprocess_kind, count=target.preprocess_instances,
         inputs=(TensorConfig(T.IMAGE, "BYTES", (1,)),),
         outputs=(TensorConfig(T.PREPROCESSED, preprocess_step.input.dtype, spec.input_shape),
-                 TensorConfig(T.TRANSFORM, "float32", (TRANSFORM_WIDTH,))),
+                 TensorConfig(T.TRANSFORM, "float32", (TRANSFORM_WIDTH,)), STATUS_TENSOR),
     )
     detector = _detector(spec, target, interface, detector_max_batch)
     postprocess = _python_model(
@@ -149,7 +152,7 @@ def pipeline_configs(spec: PipelineSpec, target: TargetProfile, interface: Model
         f"{spec.name}_router",
         spec.router,
         max_batch_size=max_batch, target=target, kind="KIND_CPU", count=target.router_instances,
-        inputs=(TensorConfig(T.IMAGE, "BYTES", (1,)),) + _detection_tensors(edge=True),
+        inputs=(TensorConfig(T.IMAGE, "BYTES", (1,)),) + _detection_tensors(edge=True) + (ROUTER_STATUS,),
         outputs=_detection_tensors(edge=False) + (TensorConfig(T.SOURCE, "BYTES", (1,)), TensorConfig(T.DEGRADED, "BOOL", (1,))),
     )
     edge_map = {name: name for name in T.EDGE_TO_FINAL}
@@ -159,12 +162,13 @@ def pipeline_configs(spec: PipelineSpec, target: TargetProfile, interface: Model
         platform="ensemble",
         max_batch_size=ensemble_max_batch,
         inputs=(TensorConfig(T.IMAGE, "BYTES", (1,)),),
-        outputs=router.outputs,
+        outputs=router.outputs + (STATUS_TENSOR,),
         ensemble_steps=(
-            EnsembleStep(preprocess.name, {T.IMAGE: T.IMAGE}, {T.PREPROCESSED: T.PREPROCESSED, T.TRANSFORM: T.TRANSFORM}),
+            EnsembleStep(preprocess.name, {T.IMAGE: T.IMAGE},
+                         {T.PREPROCESSED: T.PREPROCESSED, T.TRANSFORM: T.TRANSFORM, T.STATUS: T.STATUS}),
             EnsembleStep(detector.name, {spec.input_name: T.PREPROCESSED}, dict(zip(spec.output.names, raw_outputs))),
             EnsembleStep(postprocess.name, {**raw_map, T.TRANSFORM: T.TRANSFORM}, edge_map),
-            EnsembleStep(router.name, {T.IMAGE: T.IMAGE, **edge_map},
+            EnsembleStep(router.name, {T.IMAGE: T.IMAGE, **edge_map, T.STATUS: T.STATUS},
                          {name: name for name in (*T.DETECTION_OUTPUTS, T.SOURCE, T.DEGRADED)}),
         ),
     )

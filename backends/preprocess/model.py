@@ -1,7 +1,8 @@
-"""Triton Python-backend model: encoded image bytes -> model input tensor + transform (per image).
+"""Triton Python-backend model: encoded image bytes -> model input tensor + transform + status (per image).
 
 Instances on KIND_GPU resize and normalise with CuPy and hand the tensor over by DLPack; KIND_CPU
-instances use NumPy/OpenCV. Both follow one function contract (backends/preprocess/*_ops.py).
+instances use NumPy/OpenCV and decode large JPEGs at reduced size. Both follow one function contract
+(backends/preprocess/*_ops.py); backends/preprocess/batch.py fails a bad image alone (STATUS).
 """
 import os
 import sys
@@ -14,8 +15,7 @@ import triton_python_backend_utils as pb_utils  # noqa: E402
 from backends.common import tensors as T  # noqa: E402
 from backends.common.settings import PreprocessSettings  # noqa: E402
 from backends.common.triton_io import input_array, model_settings, respond_each  # noqa: E402
-from backends.errors import InvalidImageError  # noqa: E402
-from backends.preprocess.image_ops import decode_image, prepare_input  # noqa: E402
+from backends.preprocess.batch import cpu_prepare, draft_side, prepare_batch  # noqa: E402
 
 
 class TritonPythonModel:
@@ -25,29 +25,24 @@ class TritonPythonModel:
         self.limits = settings.limits
         self.on_gpu = args.get("model_instance_kind") == "GPU"
         self.device_id = int(args.get("model_instance_device_id", 0))
+        self.min_side = None if self.on_gpu else draft_side(self.spec)
         if self.on_gpu:
             from backends.preprocess.gpu_ops import prepare_input_gpu
 
-            self.prepare = lambda rgb: prepare_input_gpu(rgb, self.spec, self.device_id)
+            self.prepare = lambda decoded: prepare_input_gpu(decoded.rgb, self.spec, self.device_id)
         else:
-            self.prepare = lambda rgb: prepare_input(rgb, self.spec)
+            self.prepare = cpu_prepare(self.spec)
 
     def _handle(self, request):
         images = input_array(request, T.IMAGE).reshape(-1)
-        tensors, transforms = [], []
-        for index, encoded in enumerate(images):
-            if not isinstance(encoded, (bytes, np.bytes_)):
-                raise InvalidImageError(f"image {index}: expected encoded bytes, got {type(encoded).__name__}")
-            tensor, transform = self.prepare(decode_image(bytes(encoded), self.limits))
-            tensors.append(tensor)
-            transforms.append(transform.to_array())
-        transform_out = pb_utils.Tensor(T.TRANSFORM, np.stack(transforms))
+        batch = prepare_batch(images, self.prepare, self.spec, self.limits, self.min_side)
+        extra = [pb_utils.Tensor(T.TRANSFORM, batch.transforms), pb_utils.Tensor(T.STATUS, batch.status_array)]
         if self.on_gpu:
             import cupy
 
-            batch = cupy.stack(tensors)
-            return [pb_utils.Tensor.from_dlpack(T.PREPROCESSED, batch.toDlpack()), transform_out]
-        return [pb_utils.Tensor(T.PREPROCESSED, np.stack(tensors)), transform_out]
+            stacked = cupy.stack(batch.tensors)
+            return [pb_utils.Tensor.from_dlpack(T.PREPROCESSED, stacked.toDlpack()), *extra]
+        return [pb_utils.Tensor(T.PREPROCESSED, np.stack(batch.tensors)), *extra]
 
     def execute(self, requests):
         return respond_each(requests, self._handle)

@@ -141,17 +141,17 @@ def test_ensemble_wiring(spec, cpu_repo, cpu_configs):
     ensemble = parse((cpu_repo / spec.name / CONFIG_FILENAME).read_text())
     assert ensemble.platform == "ensemble"
     assert [t.name for t in ensemble.inputs] == [T.IMAGE]
-    assert [t.name for t in ensemble.outputs] == [*T.DETECTION_OUTPUTS, T.SOURCE, T.DEGRADED]
+    assert [t.name for t in ensemble.outputs] == [*T.DETECTION_OUTPUTS, T.SOURCE, T.DEGRADED, T.STATUS]
     pre, det, post, router = ensemble.ensemble_steps
     assert [s.model_name for s in ensemble.ensemble_steps] == [
         names["preprocess"], names["detector"], names["postprocess"], names["router"]]
     assert pre.input_map == {T.IMAGE: T.IMAGE}
-    assert pre.output_map == {T.PREPROCESSED: T.PREPROCESSED, T.TRANSFORM: T.TRANSFORM}
+    assert pre.output_map == {T.PREPROCESSED: T.PREPROCESSED, T.TRANSFORM: T.TRANSFORM, T.STATUS: T.STATUS}
     assert det.input_map == {spec.input_name: T.PREPROCESSED}
     assert det.output_map == {spec.output.name: T.RAW_OUTPUT}
     assert post.input_map == {T.RAW_OUTPUT: T.RAW_OUTPUT, T.TRANSFORM: T.TRANSFORM}
     assert post.output_map == {edge: edge for edge in T.EDGE_TO_FINAL}
-    assert router.input_map == {T.IMAGE: T.IMAGE, **{edge: edge for edge in T.EDGE_TO_FINAL}}
+    assert router.input_map == {T.IMAGE: T.IMAGE, **{edge: edge for edge in T.EDGE_TO_FINAL}, T.STATUS: T.STATUS}
     assert router.output_map == {n: n for n in (*T.DETECTION_OUTPUTS, T.SOURCE, T.DEGRADED)}
 
 
@@ -252,7 +252,7 @@ def test_pipeline_json(spec, cpu_repo):
     assert data["target"]["name"] == "cpu"
     assert data["spec"]["model_path"] == str(FIXTURE_MODEL)
     assert len(data["spec"]["classes"]) == 80
-    assert data["outputs"] == [*T.DETECTION_OUTPUTS, T.SOURCE, T.DEGRADED]
+    assert data["outputs"] == [*T.DETECTION_OUTPUTS, T.SOURCE, T.DEGRADED, T.STATUS]
 
 
 def test_render_twice_is_byte_identical(spec, cpu_repo, tmp_path):

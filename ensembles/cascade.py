@@ -1,0 +1,72 @@
+"""The cascade: a fast model answers when confident, the precise (the spec's) model when not, the cloud last.
+
+Triton ensembles cannot branch, so the branching is a BLS Python model (backends/cascade) asking two member
+ensembles (<name>_fast, <name>_precise: each preprocess, detector, postprocess) in turn; the router after it
+sends what the precise model still answers below router.min_confidence to the cloud, when one is configured.
+
+    IMAGE -> <name>_cascade (BLS: <name>_fast, then <name>_precise for images whose best score < min_confidence)
+          -> <name>_router -> BOXES ... SOURCE, DEGRADED; STAGE (fast|precise per image), STATUS
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from backends.common import tensors as T
+from backends.common.pipeline_settings import CascadeSettings
+from builder import steps
+from builder.errors import BuilderError
+from builder.model_inspect import inspect_onnx
+from builder.repository import _write_model
+from builder.spec import PipelineSpec
+from builder.targets import TargetProfile
+from builder.triton_config import EnsembleStep, ModelConfig, TensorConfig
+from ensembles.members import EDGE, member_ensemble, render_member, second_spec
+from ensembles.render import render_several
+
+SUMMARY = "fast model when confident, else the spec's model, then the cloud (BLS: ensembles cannot branch)"
+STAGES = ("fast", "precise")
+
+
+def cascade_config(name: str, settings: CascadeSettings, postprocess: ModelConfig, target: TargetProfile) -> ModelConfig:
+    status = TensorConfig(T.STATUS, "BYTES", (1,))
+    return ModelConfig(
+        name=f"{name}_cascade", backend="python", max_batch_size=target.max_batch_size,
+        inputs=(TensorConfig(T.IMAGE, "BYTES", (1,)),),
+        outputs=postprocess.outputs + (TensorConfig(T.STAGE, "BYTES", (1,)), status),
+        instance_groups=steps._instances("KIND_CPU", target.router_instances, target),
+        dynamic_batching=steps._batching(target.max_batch_size, target),
+        parameters={steps.CONFIG_PARAMETER: settings.to_json()},
+    )
+
+
+def render(spec: PipelineSpec, out: Path, target: TargetProfile | None = None, variant=None) -> Path:
+    if variant is not None:
+        raise BuilderError("a cascade pipeline serves the spec's models; render a variant with a single pipeline")
+
+    def build(staging: Path, work: Path, target: TargetProfile):
+        fast = render_member(second_spec(spec, work), "fast", target, staging)
+        precise = render_member(spec, "precise", target, staging)
+        for member in (fast, precise):
+            _write_model(staging, member_ensemble(member), None)
+        settings = CascadeSettings(stages=(fast.name, precise.name), stage_names=STAGES,
+                                   min_confidence=spec.pipeline.min_confidence)
+        cascade = cascade_config(spec.name, settings, precise.configs.postprocess, target)
+        _write_model(staging, cascade, "cascade")
+        router = steps.pipeline_configs(spec, target, inspect_onnx(spec.model_path)).router
+        _write_model(staging, router, "router")
+        edge = {name: name for name in EDGE}
+        finals = (*T.DETECTION_OUTPUTS, T.SOURCE, T.DEGRADED)
+        ensemble = ModelConfig(
+            name=spec.name, platform="ensemble", max_batch_size=target.max_batch_size,
+            inputs=(TensorConfig(T.IMAGE, "BYTES", (1,)),),
+            outputs=router.outputs + cascade.outputs[-2:],
+            ensemble_steps=(
+                EnsembleStep(cascade.name, {T.IMAGE: T.IMAGE}, {**edge, T.STAGE: T.STAGE, T.STATUS: T.STATUS}),
+                EnsembleStep(router.name, {T.IMAGE: T.IMAGE, **edge, T.STATUS: T.STATUS}, {n: n for n in finals}),
+            ))
+        return ensemble, {"stages": {"fast": str(fast.spec.model_path), "precise": str(precise.spec.model_path)},
+                          "min_confidence": spec.pipeline.min_confidence,
+                          "inputs": {"fast": [fast.spec.input.height, fast.spec.input.width],
+                                     "precise": [precise.spec.input.height, precise.spec.input.width]}}
+
+    return render_several(spec, out, target, build)

@@ -1,0 +1,48 @@
+"""Render a pipeline of several models: its members and joining steps into a staging folder, then moved into the
+repository in one go (as builder.repository.render_repository does), with <name>.pipeline.json describing it."""
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable
+
+from backends.common.files import sha256_file
+from builder.repository import PIPELINE_FILE_SUFFIX, _write_model, target_for
+from builder.spec import PipelineSpec
+from builder.targets import TargetProfile
+from builder.triton_config import ModelConfig
+
+# build(staging, work_dir, target) -> (the top ensemble, a description of the pipeline for <name>.pipeline.json)
+Build = Callable[[Path, Path, TargetProfile], tuple[ModelConfig, dict]]
+
+
+def render_several(spec: PipelineSpec, out: Path, target: TargetProfile | None, build: Build) -> Path:
+    target = target or target_for(spec)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}-render-", dir=out.parent) as tmp:
+        staging = Path(tmp) / "repository"
+        staging.mkdir()
+        ensemble, description = build(staging, Path(tmp) / "work", target)
+        _write_model(staging, ensemble, None)
+        pipeline = {
+            "spec": spec.to_dict(),
+            "target": asdict(target),
+            "model_sha256": sha256_file(spec.model_path),
+            "ensemble": ensemble.name,
+            "kind": spec.pipeline.kind,
+            "outputs": [t.name for t in ensemble.outputs],
+            **description,
+        }
+        (staging / f"{spec.name}{PIPELINE_FILE_SUFFIX}").write_text(json.dumps(pipeline, indent=2, sort_keys=True, default=str))
+        for item in sorted(staging.iterdir()):
+            dest = out / item.name
+            if dest.is_dir():
+                shutil.rmtree(dest)
+            elif dest.exists():
+                dest.unlink()
+            item.rename(dest)
+    return out
