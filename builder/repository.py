@@ -51,7 +51,16 @@ def target_for(spec: PipelineSpec, **overrides: object) -> TargetProfile:
         "intra_op_threads": runtime.intra_op_threads,
     }
     merged.update({k: v for k, v in overrides.items() if v is not None})
-    return make_target(spec.target, **merged)
+    target = make_target(spec.target, **merged)
+    if merged["preprocess_instances"] is None and not target.on_gpu:
+        target = dataclasses.replace(target, preprocess_instances=preprocess_instances_for(target))
+    return target
+
+
+def preprocess_instances_for(target: TargetProfile) -> int:
+    """CPU preprocess instances when the spec does not say: one more than the detector's, so an image being decoded
+    (up to DecodeLimits.max_request_pixels per request) holds one instance while the others keep the detectors fed."""
+    return target.detector_instances + 1
 
 
 def check_interface(spec: PipelineSpec, interface: ModelInterface) -> None:

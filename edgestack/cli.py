@@ -10,6 +10,7 @@ import threading
 from pathlib import Path
 from typing import Sequence
 
+from builder.pipeline_choice import PIPELINE_KINDS
 from builder.targets import TARGETS
 from edgestack.errors import ClientError, EdgestackError
 from edgestack.inputs import DEFAULT_SPEC
@@ -26,11 +27,15 @@ def _add_build_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-batch-size", type=int, help="override the target's max batch size")
     parser.add_argument("--detector-instances", type=int, help="override the detector's instance count")
     parser.add_argument("--intra-op-threads", type=int, help="inference threads per detector instance (CPU: ONNX Runtime intra-op, intel: OpenVINO)")
+    parser.add_argument("--pipeline", choices=PIPELINE_KINDS, help="pipeline of models (default: the spec's pipeline.kind; "
+                                                                 "cascade and parallel need the spec's pipeline.second)")
 
 
 def build_from_args(args: argparse.Namespace) -> Path:
-    from builder.repository import render_repository, target_for
+    from builder.pipeline_choice import PipelineChoice
+    from builder.repository import target_for
     from builder.spec import load_spec
+    from ensembles import render_pipeline
 
     spec = load_spec(args.spec)
     variant = None
@@ -44,9 +49,11 @@ def build_from_args(args: argparse.Namespace) -> Path:
         spec = spec.replace(target="intel")
     if args.cloud_url:
         spec = spec.replace(router=dataclasses.replace(spec.router, cloud_url=args.cloud_url))
+    if getattr(args, "pipeline", None):
+        spec = spec.replace(pipeline=PipelineChoice(**{**vars(spec.pipeline), "kind": args.pipeline}))
     target = target_for(spec, max_batch_size=args.max_batch_size, detector_instances=args.detector_instances,
                         intra_op_threads=args.intra_op_threads)
-    return render_repository(spec, Path(args.out), target, variant=variant)
+    return render_pipeline(spec, Path(args.out), target, variant=variant)
 
 
 def cmd_build(args: argparse.Namespace) -> int:

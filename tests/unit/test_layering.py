@@ -20,7 +20,7 @@ MAY_IMPORT = {
     "backends": {"backends"},
     "builder": {"backends", "builder"},
     "sidecar": {"backends", "builder", "sidecar"},
-    "edgestack": {"backends", "builder", "sidecar", "edgestack"},
+    "edgestack": {"backends", "builder", "sidecar", "ensembles", "edgestack"},
     "loadtests": {"backends", "edgestack", "loadtests"},
     "ensembles": {"backends", "builder", "ensembles"},
 }
