@@ -21,7 +21,8 @@ colour jitter of brightness/contrast/saturation, then the spec's stretch resize,
 frames of a video. Evaluation images are never trained on: check_disjoint refuses a training set that shares a
 file (by content hash) with them.
 
-Bounded: max_steps and max_seconds (wall time of the training loop, one torch thread by default); a text progress
+Optimiser: AdamW with a linear warm-up and a cosine decay over `steps` (learning_rate_at). Bounded: steps and
+max_seconds (wall time of the training loop, one torch thread by default); a text progress
 bar on stderr; a checkpoint (student, optimizer, step, loss history) every checkpoint_every steps and at the end,
 from which a second call with the same settings resumes. The augmentation of step i depends only on (seed, i), so
 a resumed run sees the same images as an uninterrupted one.
@@ -69,7 +70,8 @@ class DistillSettings:
     steps: int = 300
     max_seconds: float | None = None
     batch_size: int = 2
-    learning_rate: float = 2e-4
+    learning_rate: float = 1e-4
+    warmup_steps: int = 10
     weight_decay: float = 0.0
     seed: int = 0
     threads: int = 1
@@ -90,8 +92,9 @@ class DistillSettings:
             raise BuilderError(f"min_crop_area must be in (0, 1], got {self.min_crop_area}")
 
     def fingerprint(self) -> str:
-        """What a checkpoint must match to be resumed (steps and max_seconds may change between calls)."""
-        data = {k: v for k, v in asdict(self).items() if k not in ("steps", "max_seconds", "checkpoint_every")}
+        """What a checkpoint must match to be resumed (max_seconds may change between calls; steps may not: the
+        learning-rate schedule depends on it)."""
+        data = {k: v for k, v in asdict(self).items() if k not in ("max_seconds", "checkpoint_every")}
         return hashlib.sha256(repr(sorted(data.items())).encode()).hexdigest()[:16]
 
 
@@ -101,7 +104,7 @@ class DistillResult:
     seconds: float
     losses: list[float] = field(default_factory=list)
     resumed_from: int = 0
-    stopped_by: str = "steps"  # steps | time
+    stopped_by: str = "steps"  # steps | time | stop_after
     checkpoint: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -331,6 +334,16 @@ class ProgressBar:
         self.stream.flush()
 
 
+def learning_rate_at(step: int, settings: DistillSettings) -> float:
+    """Linear warm-up over the first warmup_steps, then cosine decay to 5% at settings.steps (a function of the
+    step alone, so a resumed run follows the same schedule)."""
+    warmup = min(settings.warmup_steps, max(1, settings.steps // 5))
+    if step < warmup:
+        return settings.learning_rate * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, settings.steps - warmup))
+    return settings.learning_rate * (0.05 + 0.95 * 0.5 * (1.0 + np.cos(np.pi * progress)))
+
+
 def _save_checkpoint(path: Path, student, optimizer, step: int, losses: list[float], settings: DistillSettings) -> None:
     import torch
 
@@ -344,10 +357,11 @@ def _save_checkpoint(path: Path, student, optimizer, step: int, losses: list[flo
 
 def distill(student, teacher: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]], data: AugmentedImages,
             settings: DistillSettings, *, io_spec: StudentIO = StudentIO(), checkpoint: Path | None = None,
-            progress: bool = True, label: str | None = None) -> DistillResult:
+            progress: bool = True, label: str | None = None, stop_after: int | None = None) -> DistillResult:
     """Train `student` in place toward the teacher's outputs; resumes from `checkpoint` when it matches.
 
-    Stops after settings.steps steps in all (resumed steps count) or when this call has trained max_seconds.
+    Stops after settings.steps steps in all (resumed steps count), when this call has trained max_seconds, or after
+    stop_after steps of this call (stopped_by "time" / "stop_after": a later call resumes from the checkpoint).
     A checkpoint written with other settings (mode, temperature, learning rate, seed...) is an error, not
     silently reused.
     """
@@ -372,6 +386,9 @@ def distill(student, teacher: Callable[[np.ndarray], tuple[np.ndarray, np.ndarra
         if settings.max_seconds is not None and time.monotonic() - started >= settings.max_seconds:
             stopped_by = "time"
             break
+        if stop_after is not None and step - start_step >= stop_after:
+            stopped_by = "stop_after"
+            break
         batch = data.batch(step, settings.batch_size)
         teacher_heat, teacher_size = (torch.from_numpy(np.ascontiguousarray(a)) for a in teacher(batch))
         inputs = torch.from_numpy(batch)
@@ -386,6 +403,8 @@ def distill(student, teacher: Callable[[np.ndarray], tuple[np.ndarray, np.ndarra
             raise BuilderError(f"{settings.mode} step {step}: the loss is {float(loss)}; lower the learning rate")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate_at(step, settings)
         optimizer.step()
         step += 1
         losses.append(float(loss.detach()))
@@ -393,7 +412,7 @@ def distill(student, teacher: Callable[[np.ndarray], tuple[np.ndarray, np.ndarra
             bar.update(step, losses[-1])
         if checkpoint is not None and step % settings.checkpoint_every == 0:
             _save_checkpoint(Path(checkpoint), student, optimizer, step, losses, settings)
-    if bar is not None and stopped_by == "time":
+    if bar is not None and stopped_by != "steps":
         bar.close()
     if checkpoint is not None and step > start_step:
         _save_checkpoint(Path(checkpoint), student, optimizer, step, losses, settings)

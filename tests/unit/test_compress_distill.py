@@ -113,11 +113,11 @@ def test_resume_from_a_checkpoint_equals_an_uninterrupted_run(images, tmp_path):
 
     ckpt = tmp_path / "student.ckpt"
     first = TinyHeads(seed=1)
-    part = d.distill(first, torch_teacher(), data, settings(steps=4), checkpoint=ckpt, progress=False)
-    assert part.steps == 4 and ckpt.is_file()
+    part = d.distill(first, torch_teacher(), data, settings(steps=6), checkpoint=ckpt, progress=False, stop_after=3)
+    assert part.steps == 3 and part.stopped_by == "stop_after" and ckpt.is_file()
     resumed_model = TinyHeads(seed=5)  # other initial weights: the checkpoint must replace them
     resumed = d.distill(resumed_model, torch_teacher(), data, settings(steps=6), checkpoint=ckpt, progress=False)
-    assert resumed.resumed_from == 4 and resumed.steps == 6 and len(resumed.losses) == 6
+    assert resumed.resumed_from == 3 and resumed.steps == 6 and len(resumed.losses) == 6
     for a, b in zip(whole.state_dict().values(), resumed_model.state_dict().values()):
         torch.testing.assert_close(a, b)
 
@@ -129,6 +129,13 @@ def test_a_checkpoint_of_other_settings_is_refused(images, tmp_path):
     with pytest.raises(BuilderError, match="other distillation settings"):
         d.distill(TinyHeads(), torch_teacher(), data, settings(steps=4, temperature=4.0), checkpoint=ckpt,
                   progress=False)
+
+
+def test_learning_rate_warms_up_then_decays():
+    s = settings(steps=100, learning_rate=1e-3)
+    rates = [d.learning_rate_at(i, s) for i in range(100)]
+    assert rates[0] < rates[9] == pytest.approx(1e-3)
+    assert all(a >= b for a, b in zip(rates[10:], rates[11:])) and rates[-1] < 0.1 * rates[9]
 
 
 def test_time_bound_stops_training(images):
