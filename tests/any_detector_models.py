@@ -227,3 +227,32 @@ def expected_detections(width: int, height: int, white: bool) -> list[tuple[str,
         if score > SCORE_THRESHOLD:
             found.append((CLASSES[cls], [x1 * sx, y1 * sy, x2 * sx, y2 * sy], score))
     return sorted(found, key=lambda d: -d[2])
+
+
+def detect_in_process(spec_path: Path, white: bool, width: int = 128, height: int = 96
+                      ) -> list[tuple[str, list[float], float]]:
+    """The served pipeline's steps in process (preprocess, the graph in ONNX Runtime, postprocess with the spec's
+    settings) on a flat white or black image: (class, box on original pixels, score), best first."""
+    import onnxruntime as ort
+
+    from backends.postprocess.pipeline import postprocess_image
+    from backends.preprocess.image_ops import prepare_input
+    from builder.settings import pipeline_settings
+    from builder.spec import load_spec
+
+    spec = load_spec(spec_path)
+    settings = pipeline_settings(spec)
+    tensor, transform = prepare_input(np.full((height, width, 3), 255 if white else 0, np.uint8), spec.input)
+    session = ort.InferenceSession(str(spec.model_path), providers=["CPUExecutionProvider"])
+    outputs = session.run(list(spec.output.names), {spec.input_name: tensor[None]})
+    boxes, scores, class_ids = postprocess_image([o[0] for o in outputs], settings.postprocess.format, transform,
+                                                 **settings.postprocess.options())
+    return [(spec.classes[c], [float(v) for v in b], float(s)) for b, s, c in zip(boxes, scores, class_ids)]
+
+
+def assert_detections(found: list[tuple[str, list[float], float]], width: int, height: int, white: bool) -> None:
+    expected = expected_detections(width, height, white)
+    assert [name for name, _, _ in found] == [name for name, _, _ in expected]
+    for (_, box, score), (_, want_box, want_score) in zip(found, expected):
+        np.testing.assert_allclose(box, want_box, atol=1e-3)
+        assert abs(score - want_score) < 1e-4
