@@ -3,12 +3,15 @@ format does not read, naming the field, what the model gave and what fits (graph
 with symbolic output dimensions: the declared shapes alone cannot tell)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
+import yaml
 
 from builder.errors import BuilderError
 from builder.repository import render_repository
-from builder.spec import load_spec
+from builder.spec import load_spec, parse_spec
 from builder.trial_run import check_trial_run, fitting_formats, sample_batch
 from tests import any_detector_models as models
 
@@ -78,3 +81,20 @@ def test_the_build_runs_it_and_writes_nothing_when_refused(tmp_path):
     assert not (tmp_path / "repository" / "wrong").exists()
     good = load_spec(models.write_spec(tmp_path, "rtdetr"))
     assert (render_repository(good, tmp_path / "repository") / "rtdetr" / "config.pbtxt").is_file()
+
+
+EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "specs" / "examples").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
+def test_the_example_specs_load_with_their_layouts_conventions(tmp_path, path):
+    raw = yaml.safe_load(path.read_text())
+    raw["model"]["path"] = str(models.write_model(tmp_path / "stand_in.onnx", models.yolov5_outputs()))
+    spec = parse_spec(raw, path.parent)  # the models are not shipped: a stand-in file for the path check
+    options = spec.decode_options
+    assert len(spec.classes) in (80, 90) and (options.input_height, options.input_width) == (spec.input.height,
+                                                                                              spec.input.width)
+    if spec.output.format in ("tf_od_api", "torchvision"):
+        assert options.class_offset == 1 and len(spec.classes) == 90 and spec.classes[11] == "N/A"
+    if spec.output.format in ("tf_od_api", "rtdetr"):
+        assert options.normalized
