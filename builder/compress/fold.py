@@ -53,7 +53,8 @@ def _fold_fx(module: torch.nn.Module) -> int:
         if graph is None or not isinstance(graph_module, torch.fx.GraphModule):
             continue
         for node in list(graph.nodes):
-            if node.op != "call_module" or not isinstance(graph_module.get_submodule(node.target), torch.nn.BatchNorm2d):
+            if node.op != "call_module" \
+                    or not isinstance(graph_module.get_submodule(node.target), torch.nn.BatchNorm2d):
                 continue
             source = node.args[0] if node.args else None
             if getattr(source, "op", None) != "call_module" or len(source.users) != 1:
