@@ -56,13 +56,16 @@ def xdist_group(item: pytest.Item, variant_modules: set[str]) -> str | None:
     for fixture, group in SERVER_GROUPS.items():
         if fixture in names:
             return group
-    if item.module.__name__ in variant_modules:
+    module = getattr(item, "module", None)
+    if module is None:
+        return None
+    if module.__name__ in variant_modules:
         return VARIANTS_GROUP
     definitions = getattr(item, "_fixtureinfo", None)
     for name in names:
         defs = definitions.name2fixturedefs.get(name) if definitions else None
         if defs and defs[-1].scope == "module":
-            return item.module.__name__
+            return module.__name__
     return None
 
 
@@ -71,7 +74,7 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
-            variant_modules.add(item.module.__name__)
+            variant_modules.add(item.module.__name__)  # fixturenames: a Python test, which has a module
     rank = {}
     for item in items:
         group = xdist_group(item, variant_modules)
