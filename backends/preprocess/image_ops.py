@@ -5,11 +5,12 @@ Plain functions (no Triton imports); model.py maps InvalidImageError to a per-re
 from __future__ import annotations
 
 import io
+import re
 from dataclasses import dataclass
 
 import cv2
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from backends.common.geometry import Transform, compute_transform
 from backends.common.settings import DecodeLimits, InputSpec
@@ -22,6 +23,14 @@ _WIDE_GRAY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 # process-wide bomb check is turned off: it would otherwise fire first with an unclear message.
 Image.MAX_IMAGE_PIXELS = None
 _EXIF_ORIENTATION = 0x0112
+_OBJECT_AT_ADDRESS = re.compile(r"<[^<>]*? at 0x[0-9a-fA-F]+>")  # Pillow names its file object: <_io.BytesIO ...>
+
+
+def _reason(exc: Exception) -> str:
+    """Why Pillow refused the bytes, without the memory address of its file object."""
+    if isinstance(exc, UnidentifiedImageError):
+        return "the bytes are none of these formats"
+    return _OBJECT_AT_ADDRESS.sub("the image", str(exc)) or type(exc).__name__
 
 
 def _check_size(width: int, height: int, limits: DecodeLimits) -> None:
@@ -85,7 +94,7 @@ def decode_reduced(data: bytes, limits: DecodeLimits = DecodeLimits(), min_side:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise InvalidImageError(f"image is too large: {exc}") from exc
     except Exception as exc:  # UnidentifiedImageError, or a plugin's own header error
-        raise InvalidImageError(f"not a decodable image ({'/'.join(FORMATS)}): {exc}") from exc
+        raise InvalidImageError(f"not a decodable image ({'/'.join(FORMATS)}): {_reason(exc)}") from exc
     with img:
         _check_size(img.width, img.height, limits)
         width, height = img.size

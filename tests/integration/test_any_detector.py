@@ -91,6 +91,27 @@ def test_the_uint8_nhwc_detector_of_any_size_is_fed_its_pixels(served):
     assert outputs["num_detections"]["reshape"].get("shape", []) == []  # protobuf JSON leaves out an empty list
 
 
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_an_undecodable_image_is_named_without_a_memory_address(served, protocol):
+    """Pillow names its file object (`<_io.BytesIO object at 0x7fe0...>`); the client is told what is wrong."""
+    import tritonclient.grpc as grpcclient
+    import tritonclient.http as httpclient
+
+    module = grpcclient if protocol == "grpc" else httpclient
+    client = module.InferenceServerClient(served.grpc_url if protocol == "grpc" else served.http_url)
+    image = module.InferInput("IMAGE", [2, 1], "BYTES")
+    image.set_data_from_numpy(np.array([[WHITE], [b"GIF89a but not really an image"]], dtype=object))
+    try:
+        result = client.infer("yolo5", [image], outputs=[module.InferRequestedOutput(n) for n in ("BOXES", "STATUS")])
+        message = " ".join(v.decode() for v in result.as_numpy("STATUS").ravel())  # per-image status, if given
+    except Exception as exc:  # noqa: BLE001 - the request's own error, if the status is not per image
+        message = str(exc)
+    finally:
+        client.close()
+    assert "not a decodable image" in message and "the bytes are none of these formats" in message
+    assert " at 0x" not in message and "BytesIO" not in message
+
+
 def wrong_spec(tmp_path):
     """The SSD-style model's boxes [B, N, 4] (N symbolic) declared as `detections` [B, K, 6]."""
     return models.write_spec(tmp_path, "tf_od_api", "wrong", {"format": "detections", "name": "detection_boxes"})
