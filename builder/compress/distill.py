@@ -21,7 +21,8 @@ colour jitter of brightness/contrast/saturation, then the spec's stretch resize,
 frames of a video. Evaluation images are never trained on: check_disjoint refuses a training set that shares a
 file (by content hash) with them.
 
-Optimiser: AdamW with a linear warm-up and a cosine decay over `steps` (learning_rate_at). Bounded: steps and
+Optimiser: AdamW with a linear warm-up and a cosine decay over `steps` (learning_rate_at), the gradient's norm
+clipped (a batch of unlucky crops does not throw the student off). Bounded: steps and
 max_seconds (wall time of the training loop, one torch thread by default); a text progress
 bar on stderr; a checkpoint (student, optimizer, step, loss history) every checkpoint_every steps and at the end,
 from which a second call with the same settings resumes. The augmentation of step i depends only on (seed, i), so
@@ -72,6 +73,7 @@ class DistillSettings:
     batch_size: int = 2
     learning_rate: float = 1e-4
     warmup_steps: int = 10
+    clip_grad_norm: float | None = 1.0  # the gradient's global norm is clipped to this (None: not clipped)
     weight_decay: float = 0.0
     seed: int = 0
     threads: int = 1
@@ -403,6 +405,8 @@ def distill(student, teacher: Callable[[np.ndarray], tuple[np.ndarray, np.ndarra
             raise BuilderError(f"{settings.mode} step {step}: the loss is {float(loss)}; lower the learning rate")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if settings.clip_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(student.parameters(), settings.clip_grad_norm)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate_at(step, settings)
         optimizer.step()

@@ -114,33 +114,6 @@ class _Context:
                 "map50_95": fidelity["map50_95"], "fidelity_note": fidelity.get("note"), "error": None, **fields}
 
 
-def _int8_builder(spec, settings: CompressSettings, calibration) -> Callable[[Path, Path, str], Any]:
-    """(source onnx, out folder, name) -> an INT8 Variant by the builder's recipe for the target device class."""
-    from builder.device_class import host_class
-    from builder.optimize import int8_classes
-    from builder.optimize import ort_variants as ort
-
-    isa = int8_classes.settings_for(settings.device_class or host_class())
-
-    def build(source: Path, out: Path, name: str):
-        head = ort.default_head_exclusions(source)
-        options = ort.QuantOptions(**{"per_channel": True, **ort.FAST_INT8, **isa.ort}, exclude_nodes=tuple(head))
-        variant = ort.build_int8(source, out, calibration, spec.input_name, options)
-        return _renamed(variant, name)
-
-    return build
-
-
-def _renamed(variant, name: str):
-    from dataclasses import replace
-
-    from builder.optimize.variants import save_variant
-
-    renamed = replace(variant, name=name)
-    save_variant(renamed, {"compress": renamed.options})
-    return renamed
-
-
 def _training_images(settings: CompressSettings, eval_images: list[Path]) -> list[Path]:
     from builder.compress import distill
 
@@ -158,12 +131,11 @@ def compress(spec, settings: CompressSettings, log: Callable[[str], None] = prin
 
     from backends.common.files import image_folder
     from builder.compress import distill, set_torch_threads
-    from builder.compress.export import export_student
+    from builder.compress.export import build_student_variant, export_student
     from builder.compress.prune import PruneSettings, clone, count_macs_params, prune
     from builder.compress.report import write_report
     from builder.compress.torch_copy import check_equality, to_torch
     from builder.device_class import host_class
-    from builder.optimize import ort_variants as ort
     from builder.optimize.calibration import load_calibration_set
 
     set_torch_threads(settings.threads)
@@ -176,9 +148,12 @@ def compress(spec, settings: CompressSettings, log: Callable[[str], None] = prin
     log(f"training: {len(train_images)} images; evaluation: {len(eval_images)} held-out images; "
         f"{settings.threads} thread(s); ratios {list(settings.ratios)}")
 
-    teacher_variant = _renamed(ort.build_fp32(spec.model_path, variants_dir / "teacher-fp32"), "teacher-fp32")
+    def variant(onnx_path: Path, name: str, int8: bool, record: dict | None = None):
+        return build_student_variant(onnx_path, variants_dir / name, name, spec, record=record,
+                                     calibration=calibration if int8 else None, device_class=settings.device_class)
+
+    teacher_variant = variant(spec.model_path, "teacher-fp32", False)
     ctx = _Context(spec, settings, eval_images, teacher_variant)
-    int8 = _int8_builder(spec, settings, calibration)
     copy = to_torch(spec.model_path, out / "work", threads=settings.threads)
     equality = check_equality(copy, np.stack(ctx.tensors[:2]), threads=settings.threads)
     log(f"torch copy vs ONNX Runtime: max abs diff {equality.max_abs_diff}, passed {equality.passed}")
@@ -188,7 +163,7 @@ def compress(spec, settings: CompressSettings, log: Callable[[str], None] = prin
     teacher_fields = {"ratio": 0.0, "training": "teacher", "parameters": params, "macs": macs}
     rows = [ctx.measure(teacher_variant, **teacher_fields)]
     if settings.int8:
-        rows.append(ctx.measure(int8(spec.model_path, variants_dir / "teacher-int8", "teacher-int8"), **teacher_fields))
+        rows.append(ctx.measure(variant(spec.model_path, "teacher-int8", True), **teacher_fields))
     log(f"  teacher: p50 {rows[0]['p50_ms']:.1f} ms")
 
     data = distill.AugmentedImages(train_images, size, distill.DistillSettings(seed=settings.seed))
@@ -214,13 +189,12 @@ def compress(spec, settings: CompressSettings, log: Callable[[str], None] = prin
                          "resumed_from": result.resumed_from, "settings": asdict(train_settings)}
             fields = {"ratio": float(ratio), "training": training, "parameters": pruned.params_after,
                       "macs": pruned.macs_after, "train": train, "pruning": pruned.to_dict()}
-            onnx_path = export_student(student, variants_dir / f"{name}-fp32")
-            fp32 = _renamed(_variant_at(onnx_path), f"{name}-fp32")
-            rows.append(ctx.measure(fp32, **fields))
-            log(f"  {name}-fp32: {rows[-1]['speedup']:.2f}x, mAP@0.5 {rows[-1]['map50']:.3f}")
-            if settings.int8:
-                rows.append(ctx.measure(int8(onnx_path, variants_dir / f"{name}-int8", f"{name}-int8"), **fields))
-                log(f"  {name}-int8: {rows[-1]['speedup']:.2f}x, mAP@0.5 {rows[-1]['map50']:.3f}")
+            onnx_path, check = export_student(student, out / "students" / f"{name}.onnx", pruning_images[:1])
+            record = {"pruning": pruned.to_dict(), "train": train, "export_check": check.to_dict()}
+            for precision in ("fp32", "int8") if settings.int8 else ("fp32",):
+                built = variant(onnx_path, f"{name}-{precision}", precision == "int8", record)
+                rows.append(ctx.measure(built, **fields))
+                log(f"  {name}-{precision}: {rows[-1]['speedup']:.2f}x the teacher, mAP@0.5 {rows[-1]['map50']:.3f}")
             del student
             torch.set_num_threads(settings.threads)
 
@@ -232,9 +206,3 @@ def compress(spec, settings: CompressSettings, log: Callable[[str], None] = prin
                "torch_copy_max_abs_diff": equality.max_abs_diff}
     report = write_report(rows, out, context)
     return {"rows": rows, "report": report["paths"], "claims": report["claims"], "goal": report["goal"]}
-
-
-def _variant_at(onnx_path: Path):
-    from builder.optimize.variants import Variant
-
-    return Variant("student", "onnxruntime", "fp32", Path(onnx_path))
