@@ -10,7 +10,8 @@ Missing values are None.
 
 The claims (issue #15), each judged row by row from the measurements, whatever they turn out to be:
 1. pruning + fine-tuning: 40-50% fewer parameters with < 1% accuracy loss (fidelity mAP@0.5 >= 0.99);
-2. INT8 costs 0.5-1.5% (fidelity mAP@0.5 drop of an INT8 variant against its FP32 counterpart <= 0.015);
+2. INT8 costs 0.5-1.5% (fidelity mAP@0.5 drop of an INT8 variant against its FP32 counterpart <= 0.015; judged
+   only where the FP32 counterpart keeps a fidelity >= 0.5);
 3. distillation recovers most (>= half) of the loss of aggressive pruning (the highest ratio) plus INT8.
 The goal: a pruned, distilled INT8 student at >= 2.5x the teacher's FP32 speed with fidelity mAP@0.5 >= 0.90.
 """
@@ -30,6 +31,7 @@ REPORT_PNG = "fidelity_vs_latency.png"
 CLAIM1_REDUCTION = (0.40, 0.50)
 CLAIM1_MAX_LOSS = 0.01
 CLAIM2_MAX_DROP = 0.015
+CLAIM2_MIN_FP32 = 0.5  # an INT8 row whose FP32 counterpart is under this is not evidence either way
 CLAIM3_RECOVERED = 0.5
 GOAL_SPEEDUP = 2.5
 GOAL_FIDELITY = 0.90
@@ -105,10 +107,14 @@ def claim_int8(rows: list[dict]) -> dict[str, Any]:
         fid, ref = _number(row.get("map50")), _number(base.get("map50")) if base else None
         if fid is None or ref is None:
             continue
+        if ref < CLAIM2_MIN_FP32:
+            evidence.append(f"{row['name']}: not judged, its FP32 counterpart's fidelity is {ref:.3f} "
+                            f"(under {CLAIM2_MIN_FP32}: nothing left for INT8 to lose)")
+            continue
         drop = ref - fid
         within.append(drop <= CLAIM2_MAX_DROP)
         evidence.append(f"{row['name']}: {ref:.3f} -> {fid:.3f} (drop {100 * drop:.1f} points)")
-    if not evidence:
+    if not within:
         verdict = "not measured"
     elif all(within):
         verdict = "holds"

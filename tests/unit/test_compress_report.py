@@ -55,6 +55,14 @@ def test_claim_int8_compares_each_int8_row_with_its_fp32_counterpart(drop, expec
     assert f"drop {100 * drop:.1f} points" in claim["evidence"][0]
 
 
+def test_claim_int8_is_not_judged_on_students_that_lost_everything():
+    rows = full_rows(pruned=0.0, int8_drop=0.0)
+    next(r for r in rows if r["name"] == "r50-none-int8")["map50"] = 0.0
+    claim = verdict(rows, 1)
+    assert claim["verdict"] == "holds"
+    assert any(e.startswith("r50-none-int8: not judged") for e in claim["evidence"])
+
+
 def test_claim_int8_partly():
     rows = full_rows(int8_drop=0.01)
     next(r for r in rows if r["name"] == "r50-none-int8")["map50"] = 0.3
