@@ -181,8 +181,12 @@ def parse_spec(raw: Mapping[str, Any], base_dir: Path) -> PipelineSpec:
     unknown_model = sorted(set(model) - {"path", "input", "output"})
     _require(not unknown_model, f"model: unknown field(s) {unknown_model}; known: ['input', 'output', 'path']")
     _require("classes" in raw, "classes is required (a list or a names file)")
+    name = str(raw.get("name", "detect"))
+    router = _section(raw, "router", RouterSettings, "")
+    if (raw.get("router") or {}).get("cloud_model") is None:  # the cloud serves the same pipeline by default
+        router = dataclasses.replace(router, cloud_model=name)
     return PipelineSpec(
-        name=str(raw.get("name", "detect")),
+        name=name,
         model_path=(base_dir / str(model["path"])).resolve(),
         input_name=_input_name(model.get("input")),
         input=_section(model, "input", InputSpec, "model.", skip=("name",)),
@@ -190,19 +194,29 @@ def parse_spec(raw: Mapping[str, Any], base_dir: Path) -> PipelineSpec:
         classes=_load_classes(raw["classes"], base_dir),
         thresholds=_section(raw, "thresholds", Thresholds, ""),
         limits=_section(raw, "limits", Limits, ""),
-        router=_section(raw, "router", RouterSettings, ""),
+        router=router,
         runtime=_section(raw, "runtime", RuntimeSpec, ""),
         target=str(raw.get("target", "cpu")),
         pipeline=parse_pipeline(raw.get("pipeline"), base_dir),
     )
 
 
-def load_spec(path: str | Path) -> PipelineSpec:
-    path = Path(path)
+def _read_yaml(path: Path) -> Any:
     try:
-        raw = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text())
     except (OSError, UnicodeDecodeError) as exc:
         raise SpecError(f"cannot read spec {path}: {exc}") from exc
     except yaml.YAMLError as exc:
         raise SpecError(f"spec {path} is not valid YAML: {exc}") from exc
-    return parse_spec(raw, path.parent.resolve())
+
+
+def load_spec(path: str | Path) -> PipelineSpec:
+    path = Path(path)
+    return parse_spec(_read_yaml(path), path.parent.resolve())
+
+
+def spec_name(path: str | Path) -> str:
+    """The pipeline name a spec gives (the ensemble clients call), read without loading its model or classes."""
+    raw = _read_yaml(Path(path))
+    _require(isinstance(raw, Mapping), "a spec must be a YAML mapping")
+    return str(raw.get("name", "detect"))

@@ -87,12 +87,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_detect(args: argparse.Namespace) -> int:
+    from builder.spec import spec_name
     from edgestack.annotate import write_annotated
     from edgestack.client import DetectionClient
 
     url = args.url or f"127.0.0.1:{DEFAULT_PORTS[args.protocol]}"
     failures = 0
-    with DetectionClient(url, args.protocol, args.model, timeout_s=args.timeout) as client:
+    model = args.model or spec_name(args.spec)
+    with DetectionClient(url, args.protocol, model, timeout_s=args.timeout) as client:
         for name in args.images:
             path = Path(name)
             data = path.read_bytes()
@@ -149,7 +151,9 @@ def make_parser() -> argparse.ArgumentParser:
     detect.add_argument("images", nargs="+", help="JPEG/PNG files")
     detect.add_argument("--protocol", choices=["grpc", "http"], default="grpc")
     detect.add_argument("--url", help="host:port (default: 127.0.0.1:8001 for grpc, :8000 for http)")
-    detect.add_argument("--model", default="detect", help="ensemble name (the spec's name)")
+    detect.add_argument("--model", help="ensemble name (default: the name of --spec)")
+    detect.add_argument("--spec", default=str(DEFAULT_SPEC),
+                        help=f"pipeline spec whose name is the default --model (default: specs/{DEFAULT_SPEC.name})")
     detect.add_argument("--annotate", metavar="DIR", help="also write pictures with boxes, names and scores to DIR")
     detect.add_argument("--timeout", type=float, default=30.0, help="per-request timeout in seconds")
     detect.set_defaults(func=cmd_detect)

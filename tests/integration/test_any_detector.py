@@ -6,6 +6,7 @@ dynamic output is refused by `edgestack build` with the field, what the model ga
 from __future__ import annotations
 
 import io
+import json
 import subprocess
 import sys
 from typing import Iterator
@@ -38,13 +39,17 @@ WHITE, BLACK = png(255), png(0)
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory) -> Iterator[TritonServer]:
-    tmp = tmp_path_factory.mktemp("any_detector")
-    repository = tmp / "model_repository"
+def folder(tmp_path_factory):
+    return tmp_path_factory.mktemp("any_detector")
+
+
+@pytest.fixture(scope="module")
+def served(folder) -> Iterator[TritonServer]:
+    repository = folder / "model_repository"
     for name, fmt in PIPELINES.items():
-        spec = load_spec(models.write_spec(tmp, fmt, name))
+        spec = load_spec(models.write_spec(folder, fmt, name))
         render_repository(spec, repository, target_for(spec, max_queue_delay_us=QUEUE_DELAY_US))
-    server = TritonServer(repository, log_path=tmp / "tritonserver.log")
+    server = TritonServer(repository, log_path=folder / "tritonserver.log")
     with server:
         pid = server.pid
         yield server
@@ -110,6 +115,18 @@ def test_an_undecodable_image_is_named_without_a_memory_address(served, protocol
         client.close()
     assert "not a decodable image" in message and "the bytes are none of these formats" in message
     assert " at 0x" not in message and "BytesIO" not in message
+
+
+def test_edgestack_detect_calls_the_pipeline_its_spec_names(served, folder, tmp_path):
+    (tmp_path / "white.png").write_bytes(WHITE)
+    done = subprocess.run([sys.executable, "-m", "edgestack.cli", "detect", str(tmp_path / "white.png"), "--spec",
+                           str(folder / "detr.yaml"), "--url", served.grpc_url], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    (line,) = done.stdout.splitlines()
+    answer = json.loads(line)
+    expected = models.expected_detections(WIDTH, HEIGHT, white=True)
+    assert [d["class_name"] for d in answer["detections"]] == [name for name, _, _ in expected]
 
 
 def wrong_spec(tmp_path):

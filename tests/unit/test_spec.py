@@ -7,8 +7,8 @@ import pytest
 import yaml
 
 from builder.errors import BuilderError, SpecError
-from builder.spec import PipelineSpec, load_spec, parse_spec
-from tests.conftest import FIXTURES, MODEL
+from builder.spec import PipelineSpec, load_spec, parse_spec, spec_name
+from tests.conftest import FIXTURES, MODEL, SPEC
 
 REPO = Path(__file__).resolve().parents[2]
 SHIPPED_SPEC = REPO / "specs" / "centernet_coco.yaml"
@@ -432,3 +432,22 @@ def test_output_name_of_a_one_output_format_fills_names():
 ])
 def test_bad_output_names(tmp_path, output, message):
     assert message in spec_error(tmp_path, two_output_spec(output))
+
+
+def test_the_routers_cloud_model_defaults_to_the_spec_name_and_a_given_one_stays(tmp_path):
+    raw = yaml.safe_load(SPEC.read_text())
+    raw["name"] = "parts"
+    raw["router"] = {key: value for key, value in (raw.get("router") or {}).items() if key != "cloud_model"}
+    assert parse_spec(raw, SPEC.parent).router.cloud_model == "parts"
+    raw["router"]["cloud_model"] = "parts_large"
+    assert parse_spec(raw, SPEC.parent).router.cloud_model == "parts_large"
+
+
+def test_spec_name_reads_only_the_name(tmp_path):
+    (tmp_path / "parts.yaml").write_text("name: parts\nmodel: {path: missing.onnx}\nclasses: []\n")
+    assert spec_name(tmp_path / "parts.yaml") == "parts"
+    (tmp_path / "unnamed.yaml").write_text("model: {path: missing.onnx}\n")
+    assert spec_name(tmp_path / "unnamed.yaml") == "detect"
+    with pytest.raises(SpecError, match="a spec must be a YAML mapping"):
+        (tmp_path / "list.yaml").write_text("- name\n")
+        spec_name(tmp_path / "list.yaml")
