@@ -26,7 +26,8 @@ $(EMULATOR): $(STAMP)
 setup: $(STAMP)
 
 demo: setup
-	$(BIN)/edgestack demo --images $(FIXTURES)/images --out out/demo
+	$(BIN)/edgestack demo --images $(FIXTURES)/images --out out/demo \
+		--pipelines specs/centernet_cascade.yaml specs/centernet_parallel.yaml
 
 # Two pytest-xdist workers; tests sharing a server or a module's fixtures stay on one (xdist_group: tests/conftest.py)
 XDIST := -n 2 --dist loadgroup --no-loadscope-reorder

@@ -113,7 +113,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from edgestack.demo import run_demo
 
-    return run_demo(Path(args.spec), Path(args.images), Path(args.out), args.protocol)
+    return run_demo(Path(args.spec), Path(args.images), Path(args.out), args.protocol, [Path(p) for p in args.pipelines])
 
 
 def cmd_device_info(args: argparse.Namespace) -> int:
@@ -165,6 +165,9 @@ def make_parser() -> argparse.ArgumentParser:
     demo.add_argument("--images", required=True, metavar="DIR", help="folder of photos to detect")
     demo.add_argument("--out", default="out/demo")
     demo.add_argument("--protocol", choices=["grpc", "http"], default="grpc")
+    demo.add_argument("--pipelines", nargs="*", default=[], metavar="SPEC",
+                      help="more pipeline specs (e.g. specs/centernet_cascade.yaml) served beside --spec's; "
+                           "each photo goes through each")
     demo.set_defaults(func=cmd_demo)
 
     device = sub.add_parser("device-info", help="this device's class: CPU features, accelerator, Triton version",
