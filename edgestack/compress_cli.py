@@ -23,7 +23,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     settings = CompressSettings(
         out_dir=Path(args.out), train_dirs=tuple(Path(d) for d in args.train), eval_dir=Path(args.eval),
         video=Path(args.video) if args.video else None, video_frames=args.video_frames, ratios=args.ratios,
-        importance=args.importance, trainings=tuple(t.strip() for t in args.trainings.split(",") if t.strip()),
+        importance=args.importance, round_to=args.round_to or None, trainings=tuple(t.strip() for t in args.trainings.split(",") if t.strip()),
         int8=not args.no_int8, steps=args.steps, train_seconds=args.train_seconds, batch_size=args.batch_size,
         learning_rate=args.lr, temperature=args.temperature, threads=args.threads, latency_runs=args.latency_runs,
         device_class=args.device_class, seed=args.seed)
@@ -60,6 +60,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--out", default="build/compress", help="output folder (variants/, checkpoints/, the report)")
     parser.add_argument("--ratios", type=_floats, default=(0.3, 0.5, 0.7), help="pruning ratios (default 0.3,0.5,0.7)")
     parser.add_argument("--importance", choices=("magnitude", "bn-scale"), default="magnitude")
+    parser.add_argument("--round-to", type=int, default=16,
+                        help="keep pruned channel counts multiples of this (default %(default)s; 0: exact ratio). Unaligned "
+                             "counts leave ONNX Runtime's blocked convolutions: a 30%% pruned student ran 1.6x slower than "
+                             "the teacher, aligned to 16 1.17x faster")
     parser.add_argument("--trainings", default=",".join(TRAININGS), help=f"comma list of: {', '.join(TRAININGS)}")
     parser.add_argument("--no-int8", action="store_true", help="leave out the INT8 variants")
     parser.add_argument("--steps", type=int, default=150, help="training steps per student (default %(default)s)")
