@@ -8,13 +8,14 @@ FIXTURES ?= ../shared/fixtures
 
 .PHONY: setup demo test unit lint bench clean
 
-# PyTorch's CPU wheels, when the machine's pip has no wheel folder with them (requirements.txt pins torch's +cpu build)
+# PyTorch's CPU wheels, when the machine's pip has no wheel folder with them (requirements-compress.txt pins +cpu)
 TORCH_INDEX ?=
 
-$(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml
+$(STAMP): requirements.txt requirements-compress.txt requirements-nodeps.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -r requirements.txt $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
+	$(BIN)/pip install --quiet -r requirements.txt -r requirements-compress.txt \
+		$(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
 	$(BIN)/pip install --quiet --no-deps -r requirements-nodeps.txt
 	$(BIN)/pip install --quiet --no-deps -e .
 	touch $(STAMP)
