@@ -25,7 +25,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
         video=Path(args.video) if args.video else None, video_frames=args.video_frames, ratios=args.ratios,
         importance=args.importance, round_to=args.round_to or None, trainings=tuple(t.strip() for t in args.trainings.split(",") if t.strip()),
         int8=not args.no_int8, steps=args.steps, train_seconds=args.train_seconds, batch_size=args.batch_size,
-        learning_rate=args.lr, temperature=args.temperature, threads=args.threads, latency_runs=args.latency_runs,
+        learning_rate=args.lr, temperature=args.temperature, heat_weighting=args.heat_weighting, threads=args.threads,
+        latency_runs=args.latency_runs,
         device_class=args.device_class, seed=args.seed)
     result = compress(spec, settings)
     print(f"\nreport: {result['report']['md']}")
@@ -71,6 +72,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (default %(default)s)")
     parser.add_argument("--temperature", type=float, default=2.0, help="distillation temperature (default %(default)s)")
+    parser.add_argument("--heat-weighting", choices=("foreground", "uniform"), default="foreground",
+                        help="distillation: weigh the heatmap KL by the models' confidence per pixel (default) or not")
     parser.add_argument("--threads", type=int, default=1, help="torch and ONNX Runtime threads (default 1)")
     parser.add_argument("--latency-runs", type=int, default=30, help="paired latency rounds per variant")
     parser.add_argument("--device-class", choices=CPU_CLASSES, default=None,

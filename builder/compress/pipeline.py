@@ -47,6 +47,7 @@ class CompressSettings:
     batch_size: int = 2
     learning_rate: float = 1e-4
     temperature: float = 2.0
+    heat_weighting: str = "foreground"
     threads: int = 1
     latency_runs: int = 30
     device_class: str | None = None
@@ -179,7 +180,8 @@ def compress(spec, settings: CompressSettings, log: Callable[[str], None] = prin
             student, train = clone(pruned.copy), None
             if training != "none":
                 train_settings = distill.DistillSettings(
-                    mode=training, temperature=settings.temperature, steps=settings.steps,
+                    mode=training, temperature=settings.temperature, heat_weighting=settings.heat_weighting,
+                    steps=settings.steps,
                     max_seconds=settings.train_seconds, batch_size=settings.batch_size,
                     learning_rate=settings.learning_rate, seed=settings.seed, threads=settings.threads)
                 (out / "checkpoints").mkdir(parents=True, exist_ok=True)
@@ -204,7 +206,8 @@ def compress(spec, settings: CompressSettings, log: Callable[[str], None] = prin
                "training_images": len(train_images), "importance": settings.importance, "round_to": settings.round_to,
                "steps": settings.steps,
                "batch_size": settings.batch_size, "learning_rate": settings.learning_rate,
-               "temperature": settings.temperature, "reference_score_threshold": spec.thresholds.score,
+               "temperature": settings.temperature, "heat_weighting": settings.heat_weighting,
+               "reference_score_threshold": spec.thresholds.score,
                "torch_copy_max_abs_diff": equality.max_abs_diff}
     report = write_report(rows, out, context)
     return {"rows": rows, "report": report["paths"], "claims": report["claims"], "goal": report["goal"]}

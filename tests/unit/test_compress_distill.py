@@ -96,6 +96,18 @@ def test_distill_loss_is_minimal_at_the_teacher_and_scaled_by_t_squared():
     assert float(at_t1) > float(at_t1_again)
 
 
+def test_foreground_weighting_makes_a_missed_object_count():
+    teacher = torch.full((1, 16, 16, 2), 0.001)
+    teacher[0, 5, 7, 1] = 0.9
+    student = torch.logit(torch.full((1, 16, 16, 2), 0.001))  # right everywhere but at the object
+    size = torch.zeros(1, 16, 16, 4)
+    uniform, _ = d.distill_loss(student, size, teacher, size, 2.0, 0.0, heat_weighting="uniform")
+    foreground, _ = d.distill_loss(student, size, teacher, size, 2.0, 0.0, heat_weighting="foreground")
+    assert float(foreground) > 10 * float(uniform) > 0
+    with pytest.raises(BuilderError, match="heat_weighting"):
+        d.DistillSettings(heat_weighting="background")
+
+
 def test_teacher_peaks_are_local_maxima_over_the_threshold():
     heat = torch.zeros(1, 6, 6, 2)
     heat[0, 2, 2, 0] = 0.8
