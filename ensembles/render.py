@@ -11,6 +11,7 @@ from typing import Callable
 
 from backends.common.files import sha256_file
 from builder.repository import PIPELINE_FILE_SUFFIX, _write_model, target_for
+from builder.settings import pipeline_settings
 from builder.spec import PipelineSpec
 from builder.targets import TargetProfile
 from builder.triton_config import ModelConfig
@@ -30,6 +31,7 @@ def render_several(spec: PipelineSpec, out: Path, target: TargetProfile | None, 
         _write_model(staging, ensemble, None)
         pipeline = {
             "spec": spec.to_dict(),
+            "settings": pipeline_settings(spec).to_dict(),  # the spec's own model's, what golden sets run
             "target": asdict(target),
             "model_sha256": sha256_file(spec.model_path),
             "ensemble": ensemble.name,

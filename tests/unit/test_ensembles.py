@@ -114,6 +114,7 @@ def test_cascade_is_a_bls_step_then_the_router_over_two_member_ensembles(pipelin
         assert list(configs[f"{member}_detector"].inputs[0].dims) == [size, size, 3]
     record = json.loads((pipelines_repo / "cascade.pipeline.json").read_text())
     assert record["kind"] == "cascade" and record["inputs"] == {"fast": [320, 320], "precise": [512, 512]}
+    assert record["settings"]["input_name"] == INPUT  # golden sets run the spec's own model (sidecar/golden.py)
 
 
 def test_parallel_runs_both_branches_into_the_fusion_then_the_router(pipelines_repo):
