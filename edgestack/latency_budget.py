@@ -17,6 +17,10 @@ Server-side numbers are deltas of `get_inference_statistics` taken before and af
 model's success count over the window, so they are means; the client total is reported as median and mean.
 The numbers are only clean when nothing else sends requests to the server during the run (each model's
 request count is recorded so a reader can check).
+
+Energy per inference: with a readable power source (edgestack.energy: NVIDIA board power, Jetson INA3221 rails,
+RAPL package counters) the measured window's joules / requests; it covers everything that source powers (client
+included on one machine). Where none is readable, the budget says "not readable here" and why.
 """
 from __future__ import annotations
 
@@ -79,6 +83,8 @@ class Budget:
     ensemble_requests: int
     steps: tuple[StepTiming, ...] = field(default_factory=tuple)
     detector: str | None = None  # the composing model whose compute_infer is "the model alone"
+    joules_per_inference: float | None = None  # None: no readable power source (energy_note says why)
+    energy_note: str = ""
 
     # ---- derived -------------------------------------------------------------------------------------
     @property
@@ -186,6 +192,10 @@ class Budget:
             f"{'client total (median / p90)':<48}{self.client_total_median_ms:10.3f}  / {self.client_total_p90_ms:.3f}",
             "",
         ]
+        if self.joules_per_inference is not None:
+            lines.append(f"Energy per inference: {self.joules_per_inference:.4f} J ({self.energy_note})")
+        elif self.energy_note:
+            lines.append(self.energy_note)
         if self.detector:
             lines += [
                 f"Model alone ({self.detector} compute_infer): {self.model_alone_ms:.3f} ms; "
@@ -233,11 +243,15 @@ def _delta_ms(before: dict[str, int], after: dict[str, int]) -> tuple[int, dict[
 
 
 def measure_budget(grpc_url: str, model: str, images: list[bytes], requests: int, warmup: int = 2,
-                   timeout_s: float = 60.0) -> Budget:
+                   timeout_s: float = 60.0, energy: bool = True) -> Budget:
     """Send `requests` sequential single-image requests (cycling through `images`) and break the latency down.
 
-    `warmup` requests go first and are left out of both the client timings and the statistics window.
+    `warmup` requests go first and are left out of both the client timings and the statistics window. With
+    `energy`, the first readable power source (edgestack.energy.find_meter) measures the same window.
     """
+    from edgestack.energy import find_meter, not_readable
+
+    meter, reasons = find_meter() if energy else (None, [])
     import tritonclient.grpc as grpcclient
     from tritonclient.utils import InferenceServerException
 
@@ -267,7 +281,10 @@ def measure_budget(grpc_url: str, model: str, images: list[bytes], requests: int
             for i in range(warmup):
                 one(images[i % len(images)])
             before = _stats(client, [model, *steps])
+            if meter is not None:
+                meter.start()
             timings = [one(images[i % len(images)]) for i in range(requests)]
+            used = meter.stop() if meter is not None else None
             after = _stats(client, [model, *steps])
         except InferenceServerException as exc:
             raise ClientError(exc.message() or str(exc), exc.status()) from exc
@@ -296,6 +313,9 @@ def measure_budget(grpc_url: str, model: str, images: list[bytes], requests: int
         ensemble_requests=ens_count,
         steps=tuple(step_timings),
         detector=detector,
+        joules_per_inference=used.per(requests) if used else None,
+        energy_note=(f"{used.source}: {used.watts:.2f} W average over {used.seconds:.2f} s, whole package/board"
+                     if used else not_readable(reasons) if energy else ""),
     )
 
 
