@@ -173,7 +173,8 @@ def _input_name(section: Any) -> str:
 def parse_spec(raw: Mapping[str, Any], base_dir: Path) -> PipelineSpec:
     """Build a PipelineSpec from a parsed YAML mapping; relative paths resolve against base_dir."""
     _require(isinstance(raw, Mapping), "a spec must be a YAML mapping")
-    known = {"name", "model", "classes", "thresholds", "limits", "router", "runtime", "target", "pipeline"}
+    # sampling: the learning loop's section, read by loop.pipeline_step.load_sampling (`edgestack loop build`)
+    known = {"name", "model", "classes", "thresholds", "limits", "router", "runtime", "target", "pipeline", "sampling"}
     unknown = sorted(set(raw) - known)
     _require(not unknown, f"unknown top-level field(s) {unknown}; known: {sorted(known)}")
     model = raw.get("model")
