@@ -176,12 +176,13 @@ def make_parser() -> argparse.ArgumentParser:
                                         "accelerator and compute capability, Triton version.")
     device.set_defaults(func=cmd_device_info)
 
-    from edgestack import compress_cli, latency_budget, load, optimize_cli, plan_cli
+    from edgestack import compress_cli, latency_budget, load, optimize_cli, plan_cli, tune_cli
     from fleet import cli as fleet_cli
     from sidecar import cli as sidecar_cli
     from sidecar import daemon_cli
 
     optimize_cli.add_parser(sub)
+    tune_cli.add_parser(sub)
     plan_cli.add_parser(sub)
     compress_cli.add_parser(sub)
     latency_budget.add_parser(sub)

@@ -1,0 +1,107 @@
+"""The tuning search space: candidate target overrides for one spec's target.
+
+A Candidate is a set of overrides accepted by builder.repository.target_for (and so by `edgestack build
+--detector-instances N --intra-op-threads N --max-batch-size N`). Thread counts are always explicit: a
+candidate never leaves ONNX Runtime or OpenVINO to choose (0 would mean "the runtime decides").
+
+On the `intel` target each detector instance is one OpenVINO compiled model with one stream
+(backends/detector/openvino_runner.py), so detector instances are the OpenVINO streams searched here.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from dataclasses import dataclass
+
+from builder.errors import TargetError
+
+CPU_TARGETS = ("cpu", "intel")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    detector_instances: int
+    intra_op_threads: int
+    max_batch_size: int = 8
+    max_queue_delay_us: int = 0
+    preprocess_instances: int | None = None  # None: the builder's rule (detector instances + 1)
+    postprocess_instances: int = 1
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is None:
+                continue
+            low = 0 if f.name == "max_queue_delay_us" else 1
+            if not isinstance(value, int) or value < low:
+                raise TargetError(f"tune candidate: {f.name} must be an integer >= {low}, got {value!r}")
+
+    def overrides(self) -> dict[str, int | None]:
+        """Keyword arguments for builder.repository.target_for."""
+        return dataclasses.asdict(self)
+
+    @property
+    def label(self) -> str:
+        pre = "auto" if self.preprocess_instances is None else self.preprocess_instances
+        return (f"det {self.detector_instances}x{self.intra_op_threads}t, batch {self.max_batch_size} "
+                f"delay {self.max_queue_delay_us}us, pre {pre}, post {self.postprocess_instances}")
+
+    def build_flags(self) -> str:
+        """The `edgestack build` options for the knobs it has."""
+        return (f"--detector-instances {self.detector_instances} --intra-op-threads {self.intra_op_threads} "
+                f"--max-batch-size {self.max_batch_size}")
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    detector_instances: tuple[int, ...]
+    intra_op_threads: tuple[int, ...]
+    max_batch_size: tuple[int, ...] = (8,)
+    max_queue_delay_us: tuple[int, ...] = (0,)
+    preprocess_instances: tuple[int | None, ...] = (None,)
+    postprocess_instances: tuple[int, ...] = (1,)
+    max_threads: int | None = None  # skip candidates whose instances x threads exceed this
+
+    def candidates(self) -> list[Candidate]:
+        out = []
+        for det, threads, batch, delay, pre, post in itertools.product(
+                self.detector_instances, self.intra_op_threads, self.max_batch_size, self.max_queue_delay_us,
+                self.preprocess_instances, self.postprocess_instances):
+            if self.max_threads is not None and det * threads > self.max_threads:
+                continue
+            if batch == 1 and delay > 0:  # nothing to batch: the delay only adds latency
+                continue
+            out.append(Candidate(det, threads, batch, delay, pre, post))
+        if not out:
+            raise TargetError(f"tune: the search space is empty (max_threads {self.max_threads}): {self}")
+        return out
+
+
+def default_space(target: str, cores: int, quick: bool = False) -> SearchSpace:
+    """A small grid for a CPU target on `cores` cores: one image using every core, one instance per core,
+    and the mixes between, with and without a short batching delay; `quick` keeps the corners only."""
+    if target not in CPU_TARGETS:
+        raise TargetError(f"tune: target {target!r} is not tuned on this device; CPU targets: {CPU_TARGETS} "
+                          "(a GPU target's knobs are TensorRT's: see docs/GPU_CHECK.md)")
+    cores = max(cores, 1)
+    levels = tuple(sorted({1, cores}))
+    if quick:
+        return SearchSpace(levels, levels, max_threads=cores)
+    return SearchSpace(detector_instances=levels, intra_op_threads=levels, max_queue_delay_us=(0, 2000),
+                       max_threads=2 * cores)
+
+
+def parse_levels(text: str, name: str, allow_auto: bool = False) -> tuple:
+    """'1,2,4' -> (1, 2, 4); 'auto' allowed where the builder has its own rule. Errors name the option."""
+    values = []
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        if allow_auto and part == "auto":
+            values.append(None)
+            continue
+        try:
+            values.append(int(part))
+        except ValueError:
+            raise TargetError(f"tune: {name}: {part!r} is not an integer") from None
+    if not values:
+        raise TargetError(f"tune: {name}: no value given")
+    return tuple(values)
