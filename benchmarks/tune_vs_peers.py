@@ -1,0 +1,170 @@
+"""Tuned Triton against every peer configuration, at concurrency 1, 4 and 8, in one run.
+
+    python benchmarks/tune_vs_peers.py --out BENCHMARKS.md                 # runs `edgestack tune` first
+    python benchmarks/tune_vs_peers.py --tune-report build/tune/tune_report.json --out BENCHMARKS.md
+
+  triton-tuned      the `detect` ensemble rendered with the candidate `edgestack tune` chose on this machine
+                    (its report's "chosen"; without --tune-report the tune runs first, objective balanced)
+  triton-default    the same ensemble with the builder's defaults: the baseline the ratios are read against
+  peer-tuned, peer-tuned-stock, peer-default
+                    FastAPI + uvicorn + ONNX Runtime (benchmarks/peer_fastapi.py: the same servers, senders and
+                    closed loop)
+
+All servers run for the whole measurement; each level measures every system in turn (interleaved), so drift
+hits all alike. Goal (issue #14): triton-tuned >= 1.0x the best peer's throughput at every concurrency, with p99
+<= that peer's p99. The 1-minute load average before and after is printed: on a shared machine the absolute
+numbers move, the ratios within the run are what to read. Not a test: it prints numbers (--out appends Markdown).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import shlex
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.peer_fastapi import (CORES, Level, closed_loop, grpc_sender, http_sender,  # noqa: E402
+                                     make_peers, outputs_agree)
+from builder.repository import target_for  # noqa: E402
+from builder.spec import load_spec  # noqa: E402
+from builder.tune.space import Candidate  # noqa: E402
+from edgestack.server import TritonServer  # noqa: E402
+from ensembles import render_pipeline  # noqa: E402
+
+PEERS = ("peer-tuned", "peer-tuned-stock", "peer-default")
+SYSTEMS = ("triton-tuned", "triton-default", *PEERS)
+
+
+def tuned_candidate(args: argparse.Namespace, tmp: Path) -> tuple[Candidate, str]:
+    """The chosen candidate from a tune report, running `edgestack tune` first when none is given."""
+    report = Path(args.tune_report) if args.tune_report else tmp / "tune" / "tune_report.json"
+    if not args.tune_report:
+        from edgestack import cli
+
+        tune_args = ["tune", args.spec, "--images", args.images, "--out", str(tmp / "tuned"),
+                     "--report", str(report.parent), *shlex.split(args.tune_args)]
+        print(f"running: edgestack {' '.join(map(shlex.quote, tune_args))}", flush=True)
+        if cli.main(tune_args) != 0:
+            raise SystemExit("edgestack tune found no candidate; see its report")
+    data = json.loads(report.read_text())
+    if not data.get("chosen"):
+        raise SystemExit(f"{report} has no chosen candidate: {data.get('reason')}")
+    return Candidate(**data["chosen"]["candidate"]), f"{report} ({data['objective']}: {data['reason']})"
+
+
+def verdicts(results: dict[str, dict[int, Level]], levels: list[int]) -> list[str]:
+    lines = []
+    for c in levels:
+        tuned = results["triton-tuned"][c]
+        best = max(PEERS, key=lambda n: results[n][c].images_per_s)
+        peer = results[best][c]
+        ratio = tuned.images_per_s / peer.images_per_s if peer.images_per_s else float("nan")
+        ok = ratio >= 1.0 and tuned.p99_ms <= peer.p99_ms
+        base = results["triton-default"][c].images_per_s
+        lines.append(f"| {c} | {best} | {peer.images_per_s:.2f} | {peer.p99_ms:.1f} | {tuned.images_per_s:.2f} | "
+                     f"{tuned.p99_ms:.1f} | {ratio:.3f}x | {tuned.p99_ms / peer.p99_ms:.3f}x | "
+                     f"{tuned.images_per_s / base:.3f}x | {'meets' if ok else 'MISSES'} |")
+    return lines
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--spec", default=str(ROOT / "specs" / "centernet_coco.yaml"))
+    parser.add_argument("--images", default=str(ROOT.parent / "shared" / "fixtures" / "images"))
+    parser.add_argument("--concurrency", default="1,4,8")
+    parser.add_argument("--seconds", type=float, default=10.0, help="duration of each level per system")
+    parser.add_argument("--warmup", type=float, default=2.0, help="seconds of unmeasured load per system first")
+    parser.add_argument("--workers", type=int, default=CORES, help=f"peer-tuned uvicorn workers (default {CORES})")
+    parser.add_argument("--tune-report", help="tune_report.json of an earlier `edgestack tune` on this machine")
+    parser.add_argument("--tune-args", default="--concurrency 1,4,8 --seconds 4 --objective balanced",
+                        help="options for the tune run when no --tune-report is given")
+    parser.add_argument("--out", help="append the results as a Markdown section to this file")
+    args = parser.parse_args()
+
+    spec = load_spec(args.spec)
+    images = [p.read_bytes() for p in sorted(Path(args.images).iterdir()) if p.suffix.lower() in {".jpg", ".jpeg", ".png"}]
+    levels = [int(c) for c in args.concurrency.split(",")]
+    results: dict[str, dict[int, Level]] = {n: {} for n in SYSTEMS}
+
+    with tempfile.TemporaryDirectory(prefix="tune-vs-peers-") as tmp_name:
+        tmp = Path(tmp_name)
+        candidate, source = tuned_candidate(args, tmp)
+        load_before = os.getloadavg()[0]
+        targets = {"triton-tuned": target_for(spec, **candidate.overrides()), "triton-default": target_for(spec)}
+        tritons = {n: TritonServer(render_pipeline(spec, tmp / n, t), log_path=tmp / f"{n}.log")
+                   for n, t in targets.items()}
+        peers = make_peers(["triton", *PEERS], Path(args.spec).resolve(), args.workers, tmp)
+        started: list = []
+        try:
+            for server in [*tritons.values(), *peers.values()]:
+                server.start()
+                started.append(server)
+            senders = {**{n: grpc_sender(s.grpc_url, spec.name) for n, s in tritons.items()},
+                       **{n: http_sender(p.port) for n, p in peers.items()}}
+            check_triton, check_peer = senders["triton-tuned"](), senders["peer-tuned"]()
+            agree = sum(outputs_agree(check_triton(img), check_peer(img)) for img in images)
+            check_triton.close(), check_peer.close()
+            print(f"tuned: {candidate.label} from {source}\noutputs agree on {agree}/{len(images)} images", flush=True)
+            for make in senders.values():
+                closed_loop(make, images, max(levels), args.warmup)
+            for c in levels:
+                for name, make in senders.items():
+                    level = results[name][c] = closed_loop(make, images, c, args.seconds)
+                    print(f"concurrency {c:>2} {name:<16} {level.images_per_s:7.2f} img/s  p50 {level.p50_ms:8.1f} ms  "
+                          f"p99 {level.p99_ms:8.1f} ms  ({level.requests} requests, {level.errors} errors)", flush=True)
+        finally:
+            for server in reversed(started):
+                server.stop()
+        load_after = os.getloadavg()[0]
+
+    tuned_target = targets["triton-tuned"]
+    lines = [
+        f"## Tuned Triton vs every peer configuration ({datetime.date.today()}, {platform.machine()}, {CORES} cores, "
+        f"{len(images)} images, {args.seconds:g} s per level, `python benchmarks/tune_vs_peers.py`)",
+        "",
+        f"- triton-tuned: `edgestack tune`'s choice, {candidate.label} "
+        f"(target {tuned_target.name}: {json.dumps(dataclasses.asdict(tuned_target))}); chosen by {source}.",
+        "- triton-default: the builder's defaults for the same target. Peers as in benchmarks/peer_fastapi.py: "
+        + "; ".join(f"{n}: `{p.describe()}`" for n, p in peers.items()) + ".",
+        f"- Outputs agree on {agree}/{len(images)} images. Closed loop, load generator in the same process, on the "
+        f"same cores. 1-min load average before the measurement {load_before:.2f}, after {load_after:.2f}"
+        + (" (the machine was NOT quiet: other sessions' work shares these cores)" if load_before > CORES / 2 else "")
+        + ".",
+        "",
+        "| concurrency | " + " | ".join(f"{n} img/s | {n} p99 ms" for n in SYSTEMS) + " |",
+        "|---|" + "---|---|" * len(SYSTEMS),
+    ]
+    for c in levels:
+        lines.append(f"| {c} | " + " | ".join(f"{results[n][c].images_per_s:.2f} | {results[n][c].p99_ms:.1f}"
+                                              for n in SYSTEMS) + " |")
+    lines += [
+        "",
+        "| concurrency | best peer | its img/s | its p99 ms | tuned img/s | tuned p99 ms | throughput vs peer "
+        "| p99 vs peer | tuned vs default | goal (>= 1.0x, p99 <=) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+        *verdicts(results, levels),
+        "",
+        f"Errors: { {n: sum(lv.errors for lv in r.values()) for n, r in results.items()} }.",
+        "",
+        f"Command: `{' '.join(['python', 'benchmarks/tune_vs_peers.py', *map(shlex.quote, sys.argv[1:])])}`",
+        "",
+    ]
+    text = "\n".join(lines)
+    print()
+    print(text)
+    if args.out:
+        with open(args.out, "a") as fh:
+            fh.write(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
