@@ -190,6 +190,9 @@ def make_parser() -> argparse.ArgumentParser:
     sidecar_cli.add_parser(sub)
     daemon_cli.add_parser(sub)
     fleet_cli.add_parsers(sub)
+    from edgestack import loop_cli
+
+    loop_cli.add_parser(sub)
     return parser
 
 

@@ -93,7 +93,7 @@ class Spool:
     def disk_bytes(self) -> int:
         """What the spool's samples take on disk now (the folder read again)."""
         total = 0
-        for path in self.folder.glob("*" + SUFFIX):
+        for path in self.paths():
             try:
                 total += path.stat().st_size
             except FileNotFoundError:  # removed by the uploader meanwhile
@@ -122,7 +122,7 @@ class Spool:
                     return None
             digest = str(sample.meta.get("sample_id", ""))[:16] or "nohash"
             name = f"{time.time_ns():020d}-{digest}{SUFFIX}"
-            tmp = self.folder / f".tmp-{name}"
+            tmp = self.folder / f".tmp-{name}.part"  # not *.sample: readers never see a partial sample
             try:
                 with open(tmp, "wb") as f:
                     f.write(data)
@@ -139,7 +139,7 @@ class Spool:
 
     def paths(self) -> list[Path]:
         """The spooled samples, oldest first."""
-        return sorted(self.folder.glob("*" + SUFFIX))
+        return sorted(p for p in self.folder.glob("*" + SUFFIX) if not p.name.startswith("."))
 
     def __len__(self) -> int:
         return len(self.paths())
