@@ -173,7 +173,10 @@ def plan_tier(t: HardwareTier, req: Requirements, precision: str, watts: float |
             break
     batch, fps, p99 = best
     load = min(req.fps / fps, 1.0)
+    unknown = watts is None and t.source == MEASURED  # this device without a power reading
     active = watts if watts is not None else t.idle_w + (t.max_w - t.idle_w) * load * req.clock ** 2
+    if unknown:
+        active = float("nan")
     average = average_watts(active, t.idle_w, req.duty_cycle)
     served_fps = min(fps, req.fps)
     why = []
@@ -181,11 +184,13 @@ def plan_tier(t: HardwareTier, req: Requirements, precision: str, watts: float |
         why.append(f"fps {fps:.1f} < {req.fps:g}")
     if req.p99_ms is not None and p99 > req.p99_ms:
         why.append(f"p99 {p99:.0f} ms > {req.p99_ms:g}")
+    if req.power_w is not None and unknown:
+        why.append("power not measured here")
     if req.power_w is not None and active > req.power_w:
         why.append(f"power {active:.2f} W > {req.power_w:g}")
     if not t.fits(precision, req.model_mb):
         why.append(f"memory: ~{needed_mb(precision, req.model_mb):.1f} MB at {precision} > {t.memory_mb:g} MB")
-    hours = battery_hours(req.battery_mah, req.battery_v, average) if req.battery_mah else None
+    hours = battery_hours(req.battery_mah, req.battery_v, average) if req.battery_mah and not unknown else None
     source = t.source if watts is None else ("measured" if t.source == MEASURED else "given")
     return Plan(t.name, precision, batch, fps, p99, active, average, active / served_fps, hours, not why,
                 tuple(why), source)
@@ -193,7 +198,7 @@ def plan_tier(t: HardwareTier, req: Requirements, precision: str, watts: float |
 
 def measured_tier(fps: float, watts: float | None, target: str = "cpu") -> HardwareTier:
     """This device as a tier, from its MEASURED FPS (and watts where readable); idle draw taken as 0 if unknown."""
-    return HardwareTier("this-device", "this device (measured)", 0.0, float("inf"), 0.0, watts or 0.0, ("fp32",),
+    return HardwareTier("this-device", "this device (measured)", 0.0, float("inf"), 0.0, watts or 1.0, ("fp32",),
                         target, note=f"{fps:.1f} img/s measured", source=MEASURED)
 
 
@@ -212,7 +217,7 @@ def plan(req: Requirements, tiers: tuple[HardwareTier, ...] = TIERS, power_w: fl
     if measured is not None:
         fps, watts = measured
         plans.append(plan_tier(measured_tier(fps, watts), req, "fp32", watts=power_w or watts, fps1=fps))
-    return sorted(plans, key=lambda p: (not p.meets, p.average_w, -p.fps))
+    return sorted(plans, key=lambda p: (not p.meets, p.average_w if p.average_w == p.average_w else float("inf"), -p.fps))
 
 
 def what_ifs(req: Requirements, chosen: Plan, power_w: float | None = None,

@@ -16,12 +16,15 @@ from edgestack.plan import (FIXTURE_DETECTOR_GMACS, SMALLER_BACKBONE_GMACS, TIER
 
 def _row(label: str, p: Plan) -> str:
     hours = "-" if p.battery_h is None else f"{p.battery_h:.1f}"
+    if p.active_w != p.active_w:  # NaN: this device without a power reading
+        return (f"{label:<34}{p.precision:<6}{p.batch:>5}{p.fps:>10.1f}{p.p99_ms:>9.0f}{'-':>9}{'-':>10}{hours:>11}  "
+                f"{p.source:<9}" + ("yes" if p.meets else "no: " + "; ".join(p.why_not)))
     verdict = "yes" if p.meets else "no: " + "; ".join(p.why_not)
     return (f"{label:<34}{p.precision:<6}{p.batch:>5}{p.fps:>10.1f}{p.p99_ms:>9.0f}{p.active_w:>9.2f}"
-            f"{p.joules_per_inference:>10.4f}{hours:>9}  {p.source:<9}{verdict}")
+            f"{p.joules_per_inference:>10.4f}{hours:>11}  {p.source:<9}{verdict}")
 
 
-HEADER = (f"{'tier':<34}{'prec':<6}{'batch':>5}{'FPS':>10}{'p99 ms':>9}{'W':>9}{'J/inf':>10}{'battery h':>9}  "
+HEADER = (f"{'tier':<34}{'prec':<6}{'batch':>5}{'FPS':>10}{'p99 ms':>9}{'W':>9}{'J/inf':>10}{'battery h':>11}  "
           f"{'figures':<9}meets")
 
 

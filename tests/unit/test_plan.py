@@ -103,3 +103,9 @@ def test_cli_json_and_bad_input(capsys):
     assert data["plans"][0]["meets"] and data["what_ifs"]
     assert cli.main(["plan", "--duty-cycle", "0"]) == 2
     assert "duty_cycle" in capsys.readouterr().err
+
+
+def test_measured_device_without_power_has_no_battery_figure_and_fails_a_power_budget():
+    req = P.Requirements(fps=5, power_w=10, battery_mah=1000, battery_v=5)
+    mine = next(p for p in P.plan(req, measured=(16.0, None)) if p.tier == "this-device")
+    assert mine.battery_h is None and not mine.meets and "power not measured here" in mine.why_not
