@@ -51,7 +51,7 @@ def decide(model: str, candidate_ref: str, candidate_metrics: Mapping[str, Mappi
             raise PromotionError(f"{metric} not measured for device class {device_class} "
                                  f"({'deployed ' + deployed_ref if old is None else 'candidate ' + candidate_ref})")
         per_class[device_class] = (float(old), float(new))
-    short = {c: v for c, v in per_class.items() if v[1] < v[0] + margin}
+    short = {c: v for c, v in per_class.items() if v[1] < v[0] + margin - 1e-9}  # 0.92 + 0.02 is 0.94000...01
     better = not short
     if better:
         reason = (f"{metric} better by >= {margin:g} on {', '.join(shared)} "
