@@ -117,11 +117,14 @@ class SearchSettings:
     log: Callable[[str], None] = field(default=lambda line: None)
 
 
-def measure_candidate(make_sender: SenderFactory, images: list[bytes], settings: SearchSettings) -> list[Level]:
-    """Warm up at the highest concurrency, then each level in turn."""
+def measure_candidate(make_sender: SenderFactory, images: list[bytes], settings: SearchSettings) -> tuple[list[Level], float | None]:
+    """Warm up at the highest concurrency, then each level in turn inside the energy window (joules or None)."""
     if settings.warmup_s > 0:
         closed_loop(make_sender, images, max(settings.concurrencies), settings.warmup_s)
-    return [closed_loop(make_sender, images, c, settings.seconds) for c in settings.concurrencies]
+    meter = settings.energy() if settings.energy else contextlib.nullcontext(lambda: None)
+    with meter as joules_so_far:
+        levels = [closed_loop(make_sender, images, c, settings.seconds) for c in settings.concurrencies]
+        return levels, joules_so_far()
 
 
 def run_search(candidates: Iterable[Candidate], serve: Callable[[Candidate], ContextManager[SenderFactory]],
@@ -130,10 +133,7 @@ def run_search(candidates: Iterable[Candidate], serve: Callable[[Candidate], Con
     for n, candidate in enumerate(candidates, 1):
         try:
             with serve(candidate) as make_sender:
-                meter = settings.energy() if settings.energy else contextlib.nullcontext(lambda: None)
-                with meter as joules_so_far:
-                    levels = measure_candidate(make_sender, images, settings)
-                    joules = joules_so_far()
+                levels, joules = measure_candidate(make_sender, images, settings)
             answered = sum(lv.requests for lv in levels)
             per = joules / answered if joules is not None and answered else None
             trial = Trial(candidate, tuple(levels), joules_per_inference=per)

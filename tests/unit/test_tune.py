@@ -125,3 +125,22 @@ def test_report_table_and_files(tmp_path):
 def test_cli_bad_levels_are_named(tmp_path, capsys):
     rc = cli.main(["tune", "--images", str(tmp_path), "--intra-op-threads", "1,x"])
     assert rc == 2 and "--intra-op-threads" in capsys.readouterr().err
+
+
+def test_energy_window_covers_the_measured_levels_only():
+    windows = []
+
+    @contextlib.contextmanager
+    def energy():
+        windows.append("open")
+        yield lambda: 6.0
+        windows.append("closed")
+
+    @contextlib.contextmanager
+    def serve(candidate):
+        yield fake_sender_factory()[0]
+
+    [t] = M.run_search([Candidate(1, 1)], serve, [b"x"],
+                       M.SearchSettings(concurrencies=(1,), seconds=0.02, warmup_s=0.01, energy=energy))
+    assert windows == ["open", "closed"]
+    assert t.joules_per_inference == pytest.approx(6.0 / t.levels[0].requests)
