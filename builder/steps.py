@@ -32,7 +32,7 @@ from builder.triton_config import (
 CONFIG_PARAMETER = T.CONFIG_PARAMETER
 # Per image "" or "image <index>: <error>" (backends/preprocess/batch.py): preprocess -> router and the client
 STATUS_TENSOR = TensorConfig(T.STATUS, "BYTES", (1,))
-ROUTER_STATUS = TensorConfig(T.STATUS, "BYTES", (1,), optional=True)
+ROUTER_STATUS = TensorConfig(T.IMAGE_STATUS, "BYTES", (1,), optional=True)  # the router passes it on as STATUS
 
 
 @dataclass(frozen=True)
@@ -153,7 +153,8 @@ def pipeline_configs(spec: PipelineSpec, target: TargetProfile, interface: Model
         spec.router,
         max_batch_size=max_batch, target=target, kind="KIND_CPU", count=target.router_instances,
         inputs=(TensorConfig(T.IMAGE, "BYTES", (1,)),) + _detection_tensors(edge=True) + (ROUTER_STATUS,),
-        outputs=_detection_tensors(edge=False) + (TensorConfig(T.SOURCE, "BYTES", (1,)), TensorConfig(T.DEGRADED, "BOOL", (1,))),
+        outputs=_detection_tensors(edge=False) + (TensorConfig(T.SOURCE, "BYTES", (1,)), TensorConfig(T.DEGRADED, "BOOL", (1,)),
+                                                   STATUS_TENSOR),
     )
     edge_map = {name: name for name in T.EDGE_TO_FINAL}
     raw_map = {raw: raw for raw in raw_outputs}
@@ -162,14 +163,14 @@ def pipeline_configs(spec: PipelineSpec, target: TargetProfile, interface: Model
         platform="ensemble",
         max_batch_size=ensemble_max_batch,
         inputs=(TensorConfig(T.IMAGE, "BYTES", (1,)),),
-        outputs=router.outputs + (STATUS_TENSOR,),
+        outputs=router.outputs,
         ensemble_steps=(
             EnsembleStep(preprocess.name, {T.IMAGE: T.IMAGE},
-                         {T.PREPROCESSED: T.PREPROCESSED, T.TRANSFORM: T.TRANSFORM, T.STATUS: T.STATUS}),
+                         {T.PREPROCESSED: T.PREPROCESSED, T.TRANSFORM: T.TRANSFORM, T.STATUS: T.IMAGE_STATUS}),
             EnsembleStep(detector.name, {spec.input_name: T.PREPROCESSED}, dict(zip(spec.output.names, raw_outputs))),
             EnsembleStep(postprocess.name, {**raw_map, T.TRANSFORM: T.TRANSFORM}, edge_map),
-            EnsembleStep(router.name, {T.IMAGE: T.IMAGE, **edge_map, T.STATUS: T.STATUS},
-                         {name: name for name in (*T.DETECTION_OUTPUTS, T.SOURCE, T.DEGRADED)}),
+            EnsembleStep(router.name, {T.IMAGE: T.IMAGE, **edge_map, T.IMAGE_STATUS: T.IMAGE_STATUS},
+                         {name: name for name in (*T.DETECTION_OUTPUTS, T.SOURCE, T.DEGRADED, T.STATUS)}),
         ),
     )
     return PipelineConfigs(preprocess, detector, postprocess, router, ensemble)

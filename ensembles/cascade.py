@@ -5,10 +5,11 @@ ensembles (<name>_fast, <name>_precise: each preprocess, detector, postprocess) 
 sends what the precise model still answers below router.min_confidence to the cloud, when one is configured.
 
     IMAGE -> <name>_cascade (BLS: <name>_fast, then <name>_precise for images whose best score < min_confidence)
-          -> <name>_router -> BOXES ... SOURCE, DEGRADED; STAGE (fast|precise per image), STATUS
+          -> <name>_router -> BOXES ... SOURCE, DEGRADED, STATUS; STAGE (fast|precise per image)
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from backends.common import tensors as T
@@ -39,6 +40,12 @@ def cascade_config(name: str, settings: CascadeSettings, postprocess: ModelConfi
     )
 
 
+def stage_router(router: ModelConfig) -> ModelConfig:
+    """The router with the cascade's STAGE passed through (IMAGE_STAGE in, STAGE out)."""
+    return dataclasses.replace(router, inputs=router.inputs + (TensorConfig(T.IMAGE_STAGE, "BYTES", (1,), optional=True),),
+                               outputs=router.outputs + (TensorConfig(T.STAGE, "BYTES", (1,)),))
+
+
 def render(spec: PipelineSpec, out: Path, target: TargetProfile | None = None, variant=None) -> Path:
     if variant is not None:
         raise BuilderError("a cascade pipeline serves the spec's models; render a variant with a single pipeline")
@@ -52,17 +59,18 @@ def render(spec: PipelineSpec, out: Path, target: TargetProfile | None = None, v
                                    min_confidence=spec.pipeline.min_confidence)
         cascade = cascade_config(spec.name, settings, precise.configs.postprocess, target)
         _write_model(staging, cascade, "cascade")
-        router = steps.pipeline_configs(spec, target, inspect_onnx(spec.model_path)).router
+        router = stage_router(steps.pipeline_configs(spec, target, inspect_onnx(spec.model_path)).router)
         _write_model(staging, router, "router")
         edge = {name: name for name in EDGE}
-        finals = (*T.DETECTION_OUTPUTS, T.SOURCE, T.DEGRADED)
+        passed = {T.STAGE: T.IMAGE_STAGE, T.STATUS: T.IMAGE_STATUS}  # the router passes both on (tensors.py)
         ensemble = ModelConfig(
             name=spec.name, platform="ensemble", max_batch_size=target.max_batch_size,
             inputs=(TensorConfig(T.IMAGE, "BYTES", (1,)),),
-            outputs=router.outputs + cascade.outputs[-2:],
+            outputs=router.outputs,
             ensemble_steps=(
-                EnsembleStep(cascade.name, {T.IMAGE: T.IMAGE}, {**edge, T.STAGE: T.STAGE, T.STATUS: T.STATUS}),
-                EnsembleStep(router.name, {T.IMAGE: T.IMAGE, **edge, T.STATUS: T.STATUS}, {n: n for n in finals}),
+                EnsembleStep(cascade.name, {T.IMAGE: T.IMAGE}, {**edge, **passed}),
+                EnsembleStep(router.name, {T.IMAGE: T.IMAGE, **edge, **{v: v for v in passed.values()}},
+                             {t.name: t.name for t in router.outputs}),
             ))
         return ensemble, {"stages": {"fast": str(fast.spec.model_path), "precise": str(precise.spec.model_path)},
                           "min_confidence": spec.pipeline.min_confidence,

@@ -52,17 +52,16 @@ def render(spec: PipelineSpec, out: Path, target: TargetProfile | None = None, v
         _write_model(staging, fusion, "fusion")
         router = steps.pipeline_configs(spec, target, inspect_onnx(spec.model_path)).router
         _write_model(staging, router, "router")
-        branches = tuple(step for m, p in zip(members, prefixes) for step in member_steps(m, f"{p}_", T.STATUS if p == prefixes[0] else ""))
+        branches = tuple(step for m, p in zip(members, prefixes) for step in member_steps(m, f"{p}_", T.IMAGE_STATUS if p == prefixes[0] else ""))
         edge = {name: name for name in EDGE}
-        status = TensorConfig(T.STATUS, "BYTES", (1,))
         ensemble = ModelConfig(
             name=spec.name, platform="ensemble", max_batch_size=target.max_batch_size,
-            inputs=(TensorConfig(T.IMAGE, "BYTES", (1,)),), outputs=router.outputs + (status,),
+            inputs=(TensorConfig(T.IMAGE, "BYTES", (1,)),), outputs=router.outputs,
             ensemble_steps=branches + (
                 EnsembleStep(fusion.name, {**{f"{p}_{e}": f"{p}_{e}" for p in prefixes for e in EDGE},
                                            T.TRANSFORM: f"{prefixes[0]}_{T.TRANSFORM}"}, edge),
-                EnsembleStep(router.name, {T.IMAGE: T.IMAGE, **edge, T.STATUS: T.STATUS},
-                             {n: n for n in (*T.DETECTION_OUTPUTS, T.SOURCE, T.DEGRADED)}),
+                EnsembleStep(router.name, {T.IMAGE: T.IMAGE, **edge, T.IMAGE_STATUS: T.IMAGE_STATUS},
+                             {t.name: t.name for t in router.outputs}),
             ))
         return ensemble, {"members": {m.role: str(m.spec.model_path) for m in members},
                           "inputs": {m.role: [m.spec.input.height, m.spec.input.width] for m in members},

@@ -25,6 +25,11 @@ DEGRADED = "DEGRADED"
 # preprocess -> router and client: per image "" (ok) or "image <index>: <error>"; that image has no detections
 STATUS = "STATUS"
 STAGE = "STAGE"  # cascade -> client: which model answered each image (the cascade's stage names)
+# Inside an ensemble, preprocess's STATUS travels as IMAGE_STATUS (and the cascade's stage as IMAGE_STAGE) to the
+# router, which outputs STATUS (and STAGE): every output then comes from the last step, so a client may ask for any
+# subset of them (Triton's ensemble refuses a request for only outputs of an early step).
+IMAGE_STATUS = "IMAGE_STATUS"
+IMAGE_STAGE = "IMAGE_STAGE"
 
 DETECTION_OUTPUTS = (BOXES, SCORES, CLASS_IDS, CLASS_NAMES, NUM_DETECTIONS)
 EDGE_TO_FINAL = {

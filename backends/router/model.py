@@ -1,6 +1,7 @@
 """Triton Python-backend model: confidence-based edge/cloud router, the pipeline's last step.
 
-Without a cloud endpoint it passes the edge result through (SOURCE=edge, DEGRADED=false).
+Without a cloud endpoint it passes the edge result through (SOURCE=edge, DEGRADED=false). It passes on each image's
+STATUS from preprocess (IMAGE_STATUS: a failed image gets no detections and no cloud call) and a cascade's STAGE.
 """
 import os
 import sys
@@ -36,8 +37,9 @@ class TritonPythonModel:
     def _handle(self, request):
         images = [bytes(x) for x in input_array(request, T.IMAGE).reshape(-1)]
         edge = unpack(*(input_array(request, name) for name in EDGE_INPUTS))
-        status = pb_utils.get_input_tensor_by_name(request, T.STATUS)
-        failed = [bool(s) for s in status.as_numpy().reshape(-1)] if status is not None else [False] * len(edge)
+        status = pb_utils.get_input_tensor_by_name(request, T.IMAGE_STATUS)  # preprocess's, per image
+        statuses = status.as_numpy().reshape(-1, 1) if status is not None else np.full((len(edge), 1), b"", dtype=object)
+        failed = [bool(s) for s in statuses.reshape(-1)]
         routed = self.router.route(images, edge, failed)
         for item in routed:
             if item.reason:
@@ -45,10 +47,12 @@ class TritonPythonModel:
         packed = pack([r.detections for r in routed], ())
         sources = np.array([[r.source.encode()] for r in routed], dtype=object)
         degraded = np.array([[r.degraded] for r in routed], dtype=bool)
+        stage = pb_utils.get_input_tensor_by_name(request, T.IMAGE_STAGE)  # a cascade's, passed on
         return [output(name, array) for name, array in zip(T.DETECTION_OUTPUTS, packed)] + [
             output(T.SOURCE, sources),
             output(T.DEGRADED, degraded),
-        ]
+            output(T.STATUS, statuses.astype(object)),
+        ] + ([output(T.STAGE, stage.as_numpy().reshape(-1, 1))] if stage is not None else [])
 
     def execute(self, requests):
         return respond_each(requests, self._handle)

@@ -57,3 +57,21 @@ def test_a_request_of_only_bad_images_fails_naming_each_and_the_server_keeps_ser
     message = str(info.value)
     assert "image 0: empty image bytes" in message and "image 1: " in message
     assert infer_batch(url, protocol, "detect", [eight[0]])[0][T.STATUS] == ""
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_status_alone_can_be_asked_for(edge_server, eight, protocol):
+    """Every output comes from the ensemble's last step, so asking for STATUS only runs the whole pipeline."""
+    if protocol == "grpc":
+        import tritonclient.grpc as module
+    else:
+        import tritonclient.http as module
+    client = module.InferenceServerClient(edge_server.grpc_url if protocol == "grpc" else edge_server.http_url)
+    try:
+        tensor = module.InferInput(T.IMAGE, [2, 1], "BYTES")
+        tensor.set_data_from_numpy(np.array([[eight[0]], [eight[3]]], dtype=object))
+        result = client.infer("detect", [tensor], outputs=[module.InferRequestedOutput(T.STATUS)])
+    finally:
+        client.close()
+    statuses = [s.decode() for s in result.as_numpy(T.STATUS).reshape(-1)]
+    assert statuses[0] == "" and statuses[1].startswith("image 1: ")

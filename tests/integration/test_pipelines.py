@@ -115,6 +115,21 @@ def test_parallel_keeps_every_confident_detection_of_the_spec_model(pipelines_se
     assert confident >= 5
 
 
+def test_stage_alone_can_be_asked_for(pipelines_server, photos):
+    import numpy as np
+    import tritonclient.grpc as grpc
+
+    client = grpc.InferenceServerClient(pipelines_server.grpc_url)
+    try:
+        tensor = grpc.InferInput(T.IMAGE, [2, 1], "BYTES")
+        tensor.set_data_from_numpy(np.array([[photos[0][1]], [b""]], dtype=object))
+        result = client.infer("cascade", [tensor], outputs=[grpc.InferRequestedOutput(T.STAGE)])
+    finally:
+        client.close()
+    assert [s.decode() for s in result.as_numpy(T.STAGE).reshape(-1)][1] == ""
+    assert result.as_numpy(T.STAGE).reshape(-1)[0].decode() in ("fast", "precise")
+
+
 @pytest.mark.parametrize("model", ["cascade", "parallel"])
 def test_a_bad_image_fails_alone_in_every_pipeline(pipelines_server, photos, model):
     images = [data for _, data in photos[:8]]

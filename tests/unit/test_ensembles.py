@@ -103,7 +103,7 @@ def test_cascade_is_a_bls_step_then_the_router_over_two_member_ensembles(pipelin
     configs = _configs(pipelines_repo)
     top = configs["cascade"]
     assert [s.model_name for s in top.ensemble_steps] == ["cascade_cascade", "cascade_router"]
-    assert [t.name for t in top.outputs] == [*T.DETECTION_OUTPUTS, T.SOURCE, T.DEGRADED, T.STAGE, T.STATUS]
+    assert [t.name for t in top.outputs] == [*T.DETECTION_OUTPUTS, T.SOURCE, T.DEGRADED, T.STATUS, T.STAGE]
     _assert_wired(configs, "cascade")
     settings = CascadeSettings.from_model_config(
         {"parameters": {k: {"string_value": v} for k, v in configs["cascade_cascade"].parameters.items()}}, "cascade")

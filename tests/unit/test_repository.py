@@ -146,13 +146,13 @@ def test_ensemble_wiring(spec, cpu_repo, cpu_configs):
     assert [s.model_name for s in ensemble.ensemble_steps] == [
         names["preprocess"], names["detector"], names["postprocess"], names["router"]]
     assert pre.input_map == {T.IMAGE: T.IMAGE}
-    assert pre.output_map == {T.PREPROCESSED: T.PREPROCESSED, T.TRANSFORM: T.TRANSFORM, T.STATUS: T.STATUS}
+    assert pre.output_map == {T.PREPROCESSED: T.PREPROCESSED, T.TRANSFORM: T.TRANSFORM, T.STATUS: T.IMAGE_STATUS}
     assert det.input_map == {spec.input_name: T.PREPROCESSED}
     assert det.output_map == {spec.output.name: T.RAW_OUTPUT}
     assert post.input_map == {T.RAW_OUTPUT: T.RAW_OUTPUT, T.TRANSFORM: T.TRANSFORM}
     assert post.output_map == {edge: edge for edge in T.EDGE_TO_FINAL}
-    assert router.input_map == {T.IMAGE: T.IMAGE, **{edge: edge for edge in T.EDGE_TO_FINAL}, T.STATUS: T.STATUS}
-    assert router.output_map == {n: n for n in (*T.DETECTION_OUTPUTS, T.SOURCE, T.DEGRADED)}
+    assert router.input_map == {T.IMAGE: T.IMAGE, **{edge: edge for edge in T.EDGE_TO_FINAL}, T.IMAGE_STATUS: T.IMAGE_STATUS}
+    assert router.output_map == {n: n for n in (*T.DETECTION_OUTPUTS, T.SOURCE, T.DEGRADED, T.STATUS)}
 
 
 def test_ensemble_maps_name_real_tensors_of_matching_types(cpu_repo, spec):
