@@ -123,3 +123,19 @@ def test_the_router_gives_a_failed_image_no_detections_and_no_cloud_call():
         router.close()
     assert len(routed[0].detections) == 0 and routed[0].source == "edge" and not routed[0].degraded
     assert called == [b"good"] and routed[1].source == "cloud"
+
+
+def test_the_builder_sizes_cpu_preprocess_instances_unless_the_spec_does():
+    import dataclasses
+
+    from builder.repository import target_for
+    from builder.spec import load_spec
+    from tests.conftest import SPEC as SPEC_FILE
+
+    spec = load_spec(SPEC_FILE)
+    target = target_for(spec)
+    assert target.preprocess_instances == target.detector_instances + 1
+    assert target_for(spec, detector_instances=3).preprocess_instances == 4
+    assert target_for(spec, preprocess_instances=1).preprocess_instances == 1
+    pinned = spec.replace(runtime=dataclasses.replace(spec.runtime, preprocess_instances=2))
+    assert target_for(pinned).preprocess_instances == 2
