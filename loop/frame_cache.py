@@ -4,7 +4,8 @@ Per stream id, the cache keeps the last *computed* frame's thumbnail (grey, down
 means, the downscaled-difference test) and its detections. A new frame is compared with that key frame, not with
 the previous frame, so slow drift cannot chain reuse forever: reuse when the mean absolute difference of the
 thumbnails is at most max_diff grey levels AND the key frame is at most max_frames frames and max_age_ms old (the
-staleness bound). Otherwise the frame is computed and becomes the key frame. Streams beyond max_streams are
+staleness bound), and, with max_block_diff, no block changed by more than that (a person walking into a
+static scene moves the mean little but a few blocks a lot). Otherwise the frame is computed and becomes the key frame. Streams beyond max_streams are
 forgotten least recently used first.
 """
 from __future__ import annotations
@@ -28,14 +29,17 @@ class FrameCacheSettings:
     max_frames: int = 5  # a key frame's detections serve at most this many later frames
     max_age_ms: float = 500.0  # ... and for at most this long
     max_streams: int = 1024
+    max_block_diff: float | None = None  # and no thumbnail pixel (a block of the frame) changed by more than this
 
     def __post_init__(self) -> None:
         for name, low in (("thumb", 2), ("max_frames", 0), ("max_streams", 1)):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise SamplingError(f"frame_cache.{name} must be an integer >= {low}, not {value!r}")
-        for name in ("max_diff", "max_age_ms"):
+        for name in ("max_diff", "max_age_ms", "max_block_diff"):
             value = getattr(self, name)
+            if value is None and name == "max_block_diff":
+                continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
                 raise SamplingError(f"frame_cache.{name} must be a number >= 0, not {value!r}")
 
@@ -44,15 +48,14 @@ def thumbnail(frame: np.ndarray, side: int) -> np.ndarray:
     """A frame (H, W) grey or (H, W, C) colour, any integer or float dtype -> float32 [side, side] grey by block
     means over the largest centred crop divisible by side (after striding very large frames)."""
     frame = np.asarray(frame)
-    if frame.ndim == 3:
-        frame = frame[..., :3].mean(axis=2, dtype=np.float32)
-    elif frame.ndim != 2:
+    if frame.ndim not in (2, 3):
         raise SamplingError(f"frame must be (H, W) or (H, W, C), not shape {frame.shape}")
-    h, w = frame.shape
+    h, w = frame.shape[:2]
     if h < side or w < side:
         raise SamplingError(f"frame {w}x{h} is smaller than the {side}x{side} thumbnail")
     step = max(1, min(h, w) // (side * 4))  # ~4 samples per block side are plenty for a mean
-    frame = np.asarray(frame[::step, ::step], np.float32)
+    frame = frame[::step, ::step]
+    frame = frame[..., :3].mean(axis=2, dtype=np.float32) if frame.ndim == 3 else np.asarray(frame, np.float32)
     h, w = frame.shape
     bh, bw = h // side, w // side
     y0, x0 = (h - bh * side) // 2, (w - bw * side) // 2
@@ -87,7 +90,8 @@ class FrameCache(Generic[D]):
         if self._frames[stream_id] - key.frame > s.max_frames or now_ms - key.at_ms > s.max_age_ms:
             self.counts["stale"] += 1
             return None
-        if float(np.abs(thumb - key.thumb).mean()) > s.max_diff:
+        diff = np.abs(thumb - key.thumb)
+        if float(diff.mean()) > s.max_diff or (s.max_block_diff is not None and float(diff.max()) > s.max_block_diff):
             return None
         return key.detections
 

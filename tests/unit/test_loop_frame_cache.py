@@ -63,3 +63,12 @@ def test_streams_are_separate_and_bounded():
 def test_bad_settings_are_named():
     with pytest.raises(SamplingError, match="frame_cache.max_diff"):
         FrameCacheSettings(max_diff=-1)
+
+
+def test_block_bound_catches_a_small_local_change_the_mean_misses():
+    moved = FRAME.copy()
+    moved[56:66, 76:88] = 255 - moved[56:66, 76:88]  # one small object changes (inside the centred crop)
+    loose = FrameCache(FrameCacheSettings(max_diff=5.0))
+    strict = FrameCache(FrameCacheSettings(max_diff=5.0, max_block_diff=20.0))
+    assert [r for _, r in run(loose, [FRAME, moved])[0]] == [False, True]
+    assert [r for _, r in run(strict, [FRAME, moved])[0]] == [False, False]
