@@ -108,6 +108,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
                 yield make_sender
 
         settings = SearchSettings(concurrencies=concurrencies, seconds=args.seconds, warmup_s=args.warmup,
+                                  rounds=args.rounds,
                                   energy=_energy_window, log=lambda line: print(line, file=sys.stderr, flush=True))
         trials = run_search(candidates, serve, images, settings)
 
@@ -115,7 +116,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     print(table(trials, concurrencies, chosen))
     print(f"\nchoice ({args.objective}): {reason}")
     context = {"spec": args.spec, "target": spec.target, "cores": args.cores, "images": len(images),
-               "seconds per level": args.seconds, "p99 SLO ms": args.p99_slo_ms, "energy": energy_note,
+               "seconds per level": args.seconds, "rounds": args.rounds, "p99 SLO ms": args.p99_slo_ms, "energy": energy_note,
                "load average (1 min) at the end": f"{os.getloadavg()[0]:.2f}"}
     md, js = write_report(Path(args.report), trials, concurrencies, args.objective, chosen, reason, context)
     print(f"report: {md} and {js}")
@@ -145,6 +146,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--concurrency", default="1,4,8", help="comma list of closed-loop levels (default 1,4,8)")
     parser.add_argument("--seconds", type=float, default=5.0, help="measured seconds per level (default 5)")
     parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds per candidate (default 1)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="passes over the candidates, order alternating; per level the median pass is kept "
+                             "(2 or more on a shared, noisy machine)")
     parser.add_argument("--cores", type=int, default=cores, help=f"cores the default grid is sized for ({cores})")
     parser.add_argument("--quick", action="store_true", help="the default grid's corners only")
     what = {"detector_instances": "detector instances (intel: OpenVINO streams)",

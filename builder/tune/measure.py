@@ -8,6 +8,10 @@ CLI (edgestack/tune_cli.py); tests can pass fakes.
 Closed loop: `concurrency` threads each send their next image as soon as the previous answer arrived, for a
 fixed time; throughput counts answers over the whole run, p50/p99 are of every answered request. A candidate
 that fails to serve is recorded with its error and the search goes on.
+
+On a shared machine one pass is noisy: with `rounds` > 1 the candidates are measured in that many passes, the
+order reversed every other pass (so drift hits all alike), and per level the pass with the median throughput is
+kept (of two, the better: what the configuration can do when the machine lets it).
 """
 from __future__ import annotations
 
@@ -113,6 +117,7 @@ class SearchSettings:
     concurrencies: tuple[int, ...] = (1, 4, 8)
     seconds: float = 5.0
     warmup_s: float = 1.0
+    rounds: int = 1
     energy: Callable[[], ContextManager[Callable[[], float | None]]] | None = None  # optional, see tune_cli
     log: Callable[[str], None] = field(default=lambda line: None)
 
@@ -127,8 +132,33 @@ def measure_candidate(make_sender: SenderFactory, images: list[bytes], settings:
         return levels, joules_so_far()
 
 
+def merge_rounds(passes: list[Trial]) -> Trial:
+    """One candidate's passes as one trial: per level the pass with the median throughput (upper median)."""
+    failed = next((t for t in passes if not t.ok), None)
+    if failed is not None:
+        return failed
+    levels = []
+    for lv in passes[0].levels:
+        ranked = sorted((t.at(lv.concurrency) for t in passes), key=lambda x: x.images_per_s)
+        levels.append(ranked[len(ranked) // 2])
+    joules = [t.joules_per_inference for t in passes if t.joules_per_inference is not None]
+    return Trial(passes[0].candidate, tuple(levels), joules_per_inference=sorted(joules)[len(joules) // 2]
+                 if joules else None)
+
+
 def run_search(candidates: Iterable[Candidate], serve: Callable[[Candidate], ContextManager[SenderFactory]],
                images: list[bytes], settings: SearchSettings) -> list[Trial]:
+    """Every candidate in settings.rounds passes (alternating order), merged per candidate."""
+    candidates = list(candidates)
+    passes: dict[Candidate, list[Trial]] = {c: [] for c in candidates}
+    for r in range(max(settings.rounds, 1)):
+        for trial in _one_pass(candidates if r % 2 == 0 else candidates[::-1], serve, images, settings):
+            passes[trial.candidate].append(trial)
+    return [merge_rounds(passes[c]) for c in candidates]
+
+
+def _one_pass(candidates: list[Candidate], serve: Callable[[Candidate], ContextManager[SenderFactory]],
+              images: list[bytes], settings: SearchSettings) -> list[Trial]:
     trials = []
     for n, candidate in enumerate(candidates, 1):
         try:

@@ -144,3 +144,21 @@ def test_energy_window_covers_the_measured_levels_only():
                        M.SearchSettings(concurrencies=(1,), seconds=0.02, warmup_s=0.01, energy=energy))
     assert windows == ["open", "closed"]
     assert t.joules_per_inference == pytest.approx(6.0 / t.levels[0].requests)
+
+
+def test_rounds_alternate_the_order_and_keep_the_median_pass():
+    order = []
+
+    @contextlib.contextmanager
+    def serve(candidate):
+        order.append(candidate.detector_instances)
+        yield fake_sender_factory()[0]
+
+    cands = [Candidate(1, 1), Candidate(2, 1), Candidate(3, 1)]
+    trials = M.run_search(cands, serve, [b"x"], M.SearchSettings(concurrencies=(1,), seconds=0.01, warmup_s=0,
+                                                                 rounds=3))
+    assert order == [1, 2, 3, 3, 2, 1, 1, 2, 3] and [t.candidate for t in trials] == cands
+    passes = [trial(Candidate(1, 1), [(1, ips, p99)]) for ips, p99 in ((5.0, 300), (9.0, 120), (7.0, 200))]
+    assert M.merge_rounds(passes).at(1).images_per_s == 7.0
+    assert M.merge_rounds(passes[:2]).at(1).images_per_s == 9.0  # of two, the better
+    assert not M.merge_rounds([passes[0], trial(Candidate(1, 1), [], error="x")]).ok
