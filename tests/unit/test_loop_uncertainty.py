@@ -59,3 +59,18 @@ def test_unknown_sampling_field_is_named():
         SamplingSettings.from_dict({"rate": 3})
     with pytest.raises(SamplingError, match="unsure_high"):
         SamplingSettings.from_dict({"unsure_low": 0.6, "unsure_high": 0.5})
+
+
+def test_spec_sampling_section_loads_and_names_bad_fields(tmp_path):
+    from builder.spec import load_spec
+    from loop.pipeline_step import load_sampling
+    from tests.conftest import ROOT
+
+    spec = ROOT / "specs" / "centernet_sampling.yaml"
+    assert load_spec(spec).name == "detect"  # the builder accepts (and ignores) the section
+    settings = load_sampling(spec)
+    assert settings.enabled and settings.spool_dir == str((ROOT / "out" / "spool").resolve())
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(spec.read_text().replace("entropy_bits: 0.9", "entropy_bits: lots"))
+    with pytest.raises(SamplingError, match="sampling.entropy_bits"):
+        load_sampling(bad)
