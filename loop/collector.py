@@ -21,7 +21,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from loop.errors import SampleError
+from loop.errors import LoopError, SampleError
 from loop.spool import Sample
 from loop.wire import COLLECTOR_DURABLE, SAMPLE_SUBJECTS, STREAM_SAMPLES, ensure_samples_stream, parse_sample
 
@@ -123,8 +123,12 @@ class Collector:
         import nats
         from nats.js import api
 
-        nc = await nats.connect([u.strip() for u in url.split(",")], name="edgestack-collector",
-                                allow_reconnect=True, max_reconnect_attempts=-1, reconnect_time_wait=0.5)
+        try:  # nats-py retries a first connect forever with max_reconnect_attempts=-1: the deadline bounds it
+            nc = await asyncio.wait_for(nats.connect([u.strip() for u in url.split(",")], name="edgestack-collector",
+                                                     connect_timeout=2.0, allow_reconnect=True,
+                                                     max_reconnect_attempts=-1, reconnect_time_wait=0.5), 10.0)
+        except Exception as exc:  # noqa: BLE001
+            raise LoopError(f"cannot connect to NATS at {url}: {type(exc).__name__}: {exc}") from None
         try:
             js = nc.jetstream(timeout=5.0)
             await ensure_samples_stream(js)

@@ -16,6 +16,7 @@ import nats
 import nats.errors
 import nats.js.errors
 
+from loop.errors import LoopError
 from loop.spool import Spool
 from loop.wire import ensure_samples_stream, sample_subject, STREAM_SAMPLES
 
@@ -34,9 +35,12 @@ class Uploader:
 
     async def connect(self, timeout_s: float = 2.0) -> None:
         servers = [u.strip() for u in self.url.split(",")]
-        self.nc = await asyncio.wait_for(nats.connect(servers, name="edgestack-uploader", connect_timeout=timeout_s,
-                                                      allow_reconnect=True, max_reconnect_attempts=-1,
-                                                      reconnect_time_wait=0.5, error_cb=_quiet), timeout_s * 2)
+        try:
+            self.nc = await asyncio.wait_for(nats.connect(servers, name="edgestack-uploader", connect_timeout=timeout_s,
+                                                          allow_reconnect=True, max_reconnect_attempts=-1,
+                                                          reconnect_time_wait=0.5, error_cb=_quiet), timeout_s * 2)
+        except Exception as exc:  # noqa: BLE001 - run() retries; --once reports it
+            raise LoopError(f"cannot connect to NATS at {self.url}: {type(exc).__name__}: {exc}") from None
         self.js = self.nc.jetstream(timeout=ACK_TIMEOUT_S)
         await ensure_samples_stream(self.js)
 
