@@ -3,14 +3,15 @@
 The spec's `sampling` section (loop.settings) turns it on. add_sampling() takes a repository rendered for a
 single-detector pipeline (builder.repository / `edgestack build`) and adds:
 
-    <name>_sampler      inputs IMAGE, the detector's raw outputs and TRANSFORM (what postprocess reads), the
-                        edge detections (EDGE_*, what postprocess writes) and STATUS; outputs SAMPLED (bool per
-                        image) and STATUS handed on unchanged
+    <name>_sampler      inputs IMAGE, the detector's raw outputs and TRANSFORM (what postprocess reads) and STATUS;
+                        outputs SAMPLED (bool per image) and STATUS handed on unchanged
     <name> (ensemble)   one more step and one more output, SAMPLED; the router reads STATUS from the sampler
 
 Triton runs only the ensemble steps the requested outputs need, so a side step nobody reads would never run: the
-router's STATUS goes through the sampler, which puts it between postprocess and router. Its cost on the request
-path is the keep rule and a queue put (the spool write is on a thread); benchmarks/loop.py measures it.
+router's STATUS goes through the sampler. The sampler reads what postprocess reads (not what it writes) and
+computes the final detections itself with the same function (backends.postprocess.pipeline), so it runs beside
+postprocess, not after it: the router waits for the slower of the two. Its cost on the request path is that, the
+keep rule and a queue put (the spool write is on a thread); benchmarks/loop.py measures it.
 
 The sampler's code is loop/sampler_model.py (as model.py) with backends/ and the loop modules it needs copied
 beside it, as every Python step of the repository is self-contained.
@@ -80,7 +81,7 @@ def add_sampling(repository: Path | str, pipeline: str, settings: SamplingSettin
                   "model_version": model_version or settings.model_version or pipeline}
     sampler = dataclasses.replace(
         post, name=name, backend="python", platform=None,
-        inputs=(image,) + post.inputs + post.outputs,
+        inputs=(image,) + post.inputs,
         outputs=(TensorConfig(SAMPLED, "TYPE_BOOL", (1,)),),
         instance_groups=(InstanceGroup(count=1, kind="KIND_CPU"),), dynamic_batching=DynamicBatching(),
         parameters={T.CONFIG_PARAMETER: json.dumps(parameters, sort_keys=True)}, ensemble_steps=(), warmup=())
@@ -94,8 +95,7 @@ def add_sampling(repository: Path | str, pipeline: str, settings: SamplingSettin
         ).outputs if t.name == T.STATUS)
     sampler = dataclasses.replace(sampler, inputs=sampler.inputs + (status_config,),
                                   outputs=sampler.outputs + (status_config,))
-    step = EnsembleStep(name, {T.IMAGE: T.IMAGE, **post_step.input_map, T.STATUS: status,
-                               **{out: tensor for out, tensor in post_step.output_map.items()}},
+    step = EnsembleStep(name, {T.IMAGE: T.IMAGE, **post_step.input_map, T.STATUS: status},
                         {SAMPLED: SAMPLED, T.STATUS: SAMPLER_STATUS})
     steps = tuple(dataclasses.replace(s, input_map={k: SAMPLER_STATUS if v == status else v
                                                     for k, v in s.input_map.items()})

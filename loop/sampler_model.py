@@ -1,8 +1,9 @@
 """Triton Python-backend model (copied as model.py by loop.pipeline_step): the sampling side path.
 
-Beside the router, after postprocess: IMAGE, the edge detections and the detector's raw outputs in, SAMPLED
-(bool per image) and STATUS (handed on to the router, unchanged) out. The math is in loop.sampler; this step never fails a request - anything that goes wrong
-is logged and answered SAMPLED=false, so sampling can cost samples, never answers.
+Beside postprocess: IMAGE, the detector's raw outputs, TRANSFORM and STATUS in; SAMPLED (bool per image) and
+STATUS (handed on to the router, unchanged) out. The detections are computed here with postprocess's own function
+(so this step runs beside postprocess, not after it); the math is in loop.sampler. This step never fails a
+request: anything that goes wrong is logged and answered SAMPLED=false, so sampling can cost samples, never answers.
 """
 import json
 import os
@@ -14,14 +15,14 @@ import numpy as np  # noqa: E402
 import triton_python_backend_utils as pb_utils  # noqa: E402
 
 from backends.common import tensors as T  # noqa: E402
-from backends.common.detections import unpack  # noqa: E402
+from backends.common.geometry import Transform  # noqa: E402
 from backends.common.settings import PostprocessSettings  # noqa: E402
 from backends.common.triton_io import input_array, output, respond_each  # noqa: E402
+from backends.postprocess.pipeline import postprocess_image  # noqa: E402
 from loop.sampler import SampleSink, candidates, judge  # noqa: E402
 from loop.settings import SamplingSettings  # noqa: E402
 
 SAMPLED = "SAMPLED"
-EDGE_INPUTS = (T.EDGE_BOXES, T.EDGE_SCORES, T.EDGE_CLASS_IDS, T.EDGE_CLASS_NAMES, T.EDGE_NUM_DETECTIONS)
 
 
 class TritonPythonModel:
@@ -32,14 +33,16 @@ class TritonPythonModel:
         self.post = PostprocessSettings.from_dict(data["postprocess"])
         self.raw_outputs = T.raw_outputs(self.post.roles)
         self.classes = tuple(self.post.classes)
+        self.options = self.post.options()
         self.sink = SampleSink(self.settings, self.classes, data["model_version"])
         self.errors = 0
 
-    def _one(self, image, detections, raws, transform) -> bool:
+    def _one(self, image, raws, transform) -> bool:
         try:
+            transform = Transform.from_array(transform)
+            found = postprocess_image(raws, self.post.format, transform, **self.options)  # what postprocess answers
             cands = candidates(raws, transform, self.post.format, len(self.classes), self.settings.candidate_score,
                                self.post.decode)
-            found = (detections.boxes, detections.scores, detections.class_ids)
             return self.sink.offer(image, found, judge(found, cands, self.settings, self.classes))
         except Exception as exc:  # noqa: BLE001 - sampling must never fail inference
             self.errors += 1
@@ -50,10 +53,9 @@ class TritonPythonModel:
     def _handle(self, request):
         images = [bytes(x) for x in input_array(request, T.IMAGE).reshape(-1)]
         try:
-            edge = unpack(*(input_array(request, name) for name in EDGE_INPUTS))
             raws = [input_array(request, name) for name in self.raw_outputs]
             transforms = input_array(request, T.TRANSFORM)
-            sampled = [self._one(images[i], edge[i], [raw[i] for raw in raws], transforms[i])
+            sampled = [self._one(images[i], [raw[i] for raw in raws], transforms[i])
                        for i in range(len(images))]
         except Exception as exc:  # noqa: BLE001
             pb_utils.Logger.log_warn(f"sampler: batch not sampled: {type(exc).__name__}: {exc}")
