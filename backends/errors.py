@@ -8,6 +8,7 @@ EdgestackError                 (this module; edgestack.errors re-exports it)
  |    +-- InvalidImageError    the request's image cannot be used (empty, undecodable, truncated, too small/large)
  |    +-- InvalidTensorError   a tensor has the wrong dtype, shape or contents
  |    +-- CloudUnavailableError  the cloud endpoint failed, timed out or is shut off by the circuit breaker
+ |    +-- BusyError            the step refuses work it cannot take now (a large image while another decodes)
  +-- SettingsError             (this module) a step's settings (backends.common.settings) are missing or invalid
  +-- BuilderError              (builder.errors) a spec, config, target or model variant cannot be built
  +-- SidecarError              (sidecar.errors) trust, bundles, deltas, downloads, Triton control, gate, state
@@ -34,6 +35,10 @@ class InvalidImageError(BackendError):
 
 class InvalidTensorError(BackendError):
     """A tensor does not have the dtype, shape or values the step expects."""
+
+
+class BusyError(BackendError):
+    """The step is busy with work of this kind and refuses more for now; the caller may retry (UNAVAILABLE)."""
 
 
 class CloudUnavailableError(BackendError):

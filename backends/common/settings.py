@@ -34,9 +34,12 @@ class DecodeLimits:
     # Pixels one request may decode over all its images (JPEGs count at their reduced draft size): later images
     # past it fail alone, so one request cannot hold a preprocess instance for long.
     max_request_pixels: int = 64_000_000
+    # Images decoding more pixels than this are decoded one at a time per model (all its instances); another one
+    # arriving meanwhile fails at once as busy (UNAVAILABLE, retry), so a flood of them cannot stall the others.
+    large_pixels: int = 16_000_000
 
     def __post_init__(self) -> None:
-        for name in ("max_bytes", "max_pixels", "max_side", "min_side", "max_request_pixels"):
+        for name in ("max_bytes", "max_pixels", "max_side", "min_side", "max_request_pixels", "large_pixels"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"DecodeLimits.{name} must be a positive integer, got {value!r}")

@@ -8,7 +8,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from backends.common.settings import JsonSettings
-from backends.errors import BackendError, CloudUnavailableError
+from backends.errors import BackendError, BusyError, CloudUnavailableError
 
 S = TypeVar("S", bound=JsonSettings)
 
@@ -21,7 +21,7 @@ def model_settings(args: dict, settings_class: type[S]) -> S:
 
 def error_response(exc: Exception) -> "pb_utils.InferenceResponse":
     """One request's error: the caller's fault is INVALID_ARG, an unreachable dependency UNAVAILABLE."""
-    if isinstance(exc, CloudUnavailableError):
+    if isinstance(exc, (CloudUnavailableError, BusyError)):
         code = pb_utils.TritonError.UNAVAILABLE
     elif isinstance(exc, BackendError):
         code = pb_utils.TritonError.INVALID_ARG

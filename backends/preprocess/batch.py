@@ -8,13 +8,13 @@ Plain functions (no Triton imports).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, ContextManager, Sequence
 
 import numpy as np
 
 from backends.common.geometry import Transform
 from backends.common.settings import DecodeLimits, InputSpec
-from backends.errors import InvalidImageError
+from backends.errors import BusyError, InvalidImageError
 from backends.preprocess.image_ops import Decoded, PixelBudget, decode_reduced, prepare_input
 
 Prepare = Callable[[Decoded], tuple[Any, Transform]]
@@ -47,24 +47,26 @@ def blank_input(prepare: Prepare, spec: InputSpec) -> tuple[Any, Transform]:
 
 
 def prepare_batch(images: Sequence[Any], prepare: Prepare, spec: InputSpec, limits: DecodeLimits,
-                  min_side: int | None) -> PreparedBatch:
+                  min_side: int | None, large_gate: Callable[[int], ContextManager] | None = None) -> PreparedBatch:
     """Decode and prepare each image of one request (JPEGs at reduced size when min_side is given), under the
-    request's pixel budget. Raises InvalidImageError, naming each image's problem, when no image is usable."""
+    request's pixel budget, large images through large_gate (large_images.py). When no image is usable, raises
+    BusyError if every image was refused as busy, else InvalidImageError, naming each image's problem."""
     budget = PixelBudget(limits.max_request_pixels)
     tensors, transforms, statuses = [], [], []
-    blank = None
+    blank, busy = None, 0
     for index, encoded in enumerate(images):
         try:
             if not isinstance(encoded, (bytes, np.bytes_)):
                 raise InvalidImageError(f"expected encoded bytes, got {type(encoded).__name__}")
-            tensor, transform = prepare(decode_reduced(bytes(encoded), limits, min_side, budget))
+            tensor, transform = prepare(decode_reduced(bytes(encoded), limits, min_side, budget, large_gate))
             status = ""
-        except InvalidImageError as exc:
+        except (InvalidImageError, BusyError) as exc:
+            busy += isinstance(exc, BusyError)
             blank = blank or blank_input(prepare, spec)
             (tensor, transform), status = blank, f"image {index}: {exc}"
         tensors.append(tensor)
         transforms.append(transform.to_array())
         statuses.append(status)
     if statuses and all(statuses):
-        raise InvalidImageError("; ".join(statuses))
+        raise (BusyError if busy == len(statuses) else InvalidImageError)("; ".join(statuses))
     return PreparedBatch(tensors, np.stack(transforms) if transforms else np.zeros((0, 6), np.float32), statuses)

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import io
 import re
+from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import Callable, ContextManager
 
 import cv2
 import numpy as np
@@ -81,9 +83,10 @@ class PixelBudget:
 
 
 def decode_reduced(data: bytes, limits: DecodeLimits = DecodeLimits(), min_side: int | None = None,
-                   budget: PixelBudget | None = None) -> Decoded:
+                   budget: PixelBudget | None = None, large_gate: Callable[[int], ContextManager] | None = None) -> Decoded:
     """decode_image, but a JPEG is decoded at the smallest DCT scale (1/2, 1/4, 1/8: Pillow's draft mode) that
-    keeps both sides >= min_side (None: full size), and the decoded pixels are charged to budget first."""
+    keeps both sides >= min_side (None: full size), the decoded pixels are charged to budget first, and the decode
+    runs inside large_gate(pixels) (backends/preprocess/large_images.py), which may refuse it as busy."""
     size = memoryview(data).nbytes
     if size == 0:
         raise InvalidImageError("empty image bytes")
@@ -107,17 +110,18 @@ def decode_reduced(data: bytes, limits: DecodeLimits = DecodeLimits(), min_side:
         drafted = img.size != (width, height)
         if budget is not None:
             budget.spend(img.width, img.height)
-        try:
-            img.load()
-            ImageOps.exif_transpose(img, in_place=True)
-        except MemoryError:
-            raise
-        except Exception as exc:  # OSError("image file is truncated"), SyntaxError, zlib errors, ...
-            raise InvalidImageError(f"image is truncated or corrupt: {exc}") from exc
-        if not drafted:
-            _check_size(img.width, img.height, limits)
-            return Decoded(_to_rgb(img), img.height, img.width)
-        return Decoded(_to_rgb(img), *((width, height) if swapped else (height, width)))
+        with large_gate(img.width * img.height) if large_gate is not None else nullcontext():
+            try:
+                img.load()
+                ImageOps.exif_transpose(img, in_place=True)
+            except MemoryError:
+                raise
+            except Exception as exc:  # OSError("image file is truncated"), SyntaxError, zlib errors, ...
+                raise InvalidImageError(f"image is truncated or corrupt: {exc}") from exc
+            if not drafted:
+                _check_size(img.width, img.height, limits)
+                return Decoded(_to_rgb(img), img.height, img.width)
+            return Decoded(_to_rgb(img), *((width, height) if swapped else (height, width)))
 
 
 def _to_rgb(img: Image.Image) -> np.ndarray:

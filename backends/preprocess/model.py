@@ -1,7 +1,8 @@
 """Triton Python-backend model: encoded image bytes -> model input tensor + transform + status (per image).
 
 Instances on KIND_GPU resize and normalise with CuPy and hand the tensor over by DLPack; KIND_CPU
-instances use NumPy/OpenCV and decode large JPEGs at reduced size. Both follow one function contract
+instances use NumPy/OpenCV and decode large JPEGs at reduced size; images over limits.large_pixels are decoded
+one at a time across the model's instances (backends/preprocess/large_images.py). Both follow one function contract
 (backends/preprocess/*_ops.py); backends/preprocess/batch.py fails a bad image alone (STATUS).
 """
 import os
@@ -16,6 +17,7 @@ from backends.common import tensors as T  # noqa: E402
 from backends.common.settings import PreprocessSettings  # noqa: E402
 from backends.common.triton_io import input_array, model_settings, respond_each  # noqa: E402
 from backends.preprocess.batch import cpu_prepare, draft_side, prepare_batch  # noqa: E402
+from backends.preprocess.large_images import LargeImageGate  # noqa: E402
 
 
 class TritonPythonModel:
@@ -26,6 +28,7 @@ class TritonPythonModel:
         self.on_gpu = args.get("model_instance_kind") == "GPU"
         self.device_id = int(args.get("model_instance_device_id", 0))
         self.min_side = None if self.on_gpu else draft_side(self.spec)
+        self.large_gate = LargeImageGate.for_model(args["model_name"], self.limits.large_pixels)
         if self.on_gpu:
             from backends.preprocess.gpu_ops import prepare_input_gpu
 
@@ -35,7 +38,7 @@ class TritonPythonModel:
 
     def _handle(self, request):
         images = input_array(request, T.IMAGE).reshape(-1)
-        batch = prepare_batch(images, self.prepare, self.spec, self.limits, self.min_side)
+        batch = prepare_batch(images, self.prepare, self.spec, self.limits, self.min_side, self.large_gate)
         extra = [pb_utils.Tensor(T.TRANSFORM, batch.transforms), pb_utils.Tensor(T.STATUS, batch.status_array)]
         if self.on_gpu:
             import cupy

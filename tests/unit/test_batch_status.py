@@ -139,3 +139,23 @@ def test_the_builder_sizes_cpu_preprocess_instances_unless_the_spec_does():
     assert target_for(spec, preprocess_instances=1).preprocess_instances == 1
     pinned = spec.replace(runtime=dataclasses.replace(spec.runtime, preprocess_instances=2))
     assert target_for(pinned).preprocess_instances == 2
+
+
+def test_a_large_image_is_refused_as_busy_while_another_decodes(tmp_path):
+    from backends.errors import BusyError
+    from backends.preprocess.large_images import LargeImageGate
+
+    first, second = LargeImageGate(100, tmp_path / "lock"), LargeImageGate(100, tmp_path / "lock")
+    photos = [(IMAGES / "astronaut.png").read_bytes(), (IMAGES / "dog.jpg").read_bytes()]
+    with first(101):  # another instance decodes a large image
+        with second(100):  # not large: never refused
+            pass
+        with pytest.raises(BusyError, match="another large image"):
+            with second(101):
+                pass
+        with pytest.raises(BusyError, match="^image 0: busy.*; image 1: busy"):
+            prepare_batch(photos, cpu_prepare(SPEC), SPEC, DecodeLimits(), None, second)
+        small_enough = LargeImageGate(1_000_000, tmp_path / "lock")
+        assert prepare_batch(photos, cpu_prepare(SPEC), SPEC, DecodeLimits(), None, small_enough).statuses == ["", ""]
+    with second(101):  # released when the other decode ends
+        pass
