@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from edgestack.client import DetectionClient
+from edgestack.errors import ClientError
 from edgestack.server import TritonServer
 from loop.collector import Collector
 from loop.sampler import read_stats
@@ -108,6 +110,10 @@ def test_spool_stays_within_its_byte_bound_and_inference_goes_on(tmp_path):
     repo = render_sampling(tmp_path / "repo", settings)
     with TritonServer(repo, log_path=tmp_path / "triton.log") as server:
         pid = server.pid
+        with DetectionClient(server.grpc_url, "grpc") as client:  # a bad image: its own error, nothing sampled
+            with pytest.raises(ClientError, match="not a decodable image"):
+                client.detect(b"not an image")
+            assert client.detect((IMAGES / "horses.jpg").read_bytes()).class_names
         for photo in PHOTOS + MORE:  # every request answered, sampled or not
             count, _ = detect_sampled(server.grpc_url, photo.read_bytes())
             assert count >= 0
@@ -118,3 +124,4 @@ def test_spool_stays_within_its_byte_bound_and_inference_goes_on(tmp_path):
     stats = read_stats(spool_dir)
     assert stats["dropped_full"] >= 1, stats
     assert Spool(spool_dir, settings.max_bytes).disk_bytes() <= settings.max_bytes
+    assert b"not an image" not in b"".join(s.image for _, s in Spool(spool_dir, settings.max_bytes).items())
