@@ -125,3 +125,38 @@ def test_spool_stays_within_its_byte_bound_and_inference_goes_on(tmp_path):
     assert stats["dropped_full"] >= 1, stats
     assert Spool(spool_dir, settings.max_bytes).disk_bytes() <= settings.max_bytes
     assert b"not an image" not in b"".join(s.image for _, s in Spool(spool_dir, settings.max_bytes).items())
+
+
+def test_a_better_retrained_version_starts_a_canary_rollout_on_the_bus(nats_server):  # noqa: F811
+    import asyncio
+    from types import SimpleNamespace
+
+    from fleet.protocol import BundleRef, Release
+    from fleet.strategy import load_strategy
+    from fleet.transport import NatsFleetBus
+    from loop.promote import promote
+    from tests.conftest import ROOT
+
+    metrics = {"1.1.0": {"x86-avx2": {"fidelity_map": 0.95}}, "production": {"x86-avx2": {"fidelity_map": 0.90}}}
+
+    class Registry:  # the two registered versions' metrics, as fleet.registry.Registry reads them
+        def show(self, model, ref):
+            return SimpleNamespace(metrics=metrics[ref])
+
+        def resolve(self, model, ref):
+            return Release(model=model, version=ref, bundles={"x86-avx2": BundleRef("http://x/b.tar", "0" * 64, 10)},
+                           metrics=metrics[ref])
+
+    async def run():
+        bus = await NatsFleetBus.connect(nats_server.url)
+        try:
+            result = await promote(Registry(), bus, "detect_detector", "1.1.0", "production",
+                                   load_strategy(ROOT / "specs" / "rollout.yaml"), margin=0.02)
+            record, _ = await bus.load_rollout(result["rollout_id"])
+            return result, record
+        finally:
+            await bus.close()
+
+    result, record = asyncio.run(run())
+    assert result["action"] == "started" and result["decision"]["better"]
+    assert record["release"]["version"] == "1.1.0" and record["state"] == result["state"]
