@@ -51,3 +51,19 @@ def test_store_dedup_counts_and_coco_export(tmp_path):
     for image in task["images"]:
         assert (tmp_path / "task" / image["file_name"]).read_bytes()[:3] == b"\xff\xd8\xff"
     collector.close()
+
+
+def test_cli_stats_export_and_an_unreachable_cloud(tmp_path, capsys):
+    from edgestack.cli import main
+
+    collector = Collector(tmp_path / "store")
+    collector.ingest(sample_subject("edge-1"), a_sample(30, "edge-1", "1.0.0").encode())
+    collector.close()
+    assert main(["samples", "stats", "--store", str(tmp_path / "store")]) == 0
+    assert json.loads(capsys.readouterr().out)["by_device"] == {"edge-1": 1}
+    assert main(["samples", "export", "--store", str(tmp_path / "store"), "--out", str(tmp_path / "task")]) == 0
+    assert json.loads((tmp_path / "task" / "annotations.json").read_text())["images"][0]["device_id"] == "edge-1"
+    capsys.readouterr()
+    assert main(["samples", "upload", "--spool", str(tmp_path / "spool"), "--nats", "nats://127.0.0.1:9",
+                 "--once"]) == 2
+    assert "cannot connect to NATS at nats://127.0.0.1:9" in capsys.readouterr().err
