@@ -36,9 +36,9 @@ class TritonPythonModel:
         else:
             self.prepare = cpu_prepare(self.spec)
 
-    def _handle(self, request):
+    def _handle(self, request, large_gate):
         images = input_array(request, T.IMAGE).reshape(-1)
-        batch = prepare_batch(images, self.prepare, self.spec, self.limits, self.min_side, self.large_gate)
+        batch = prepare_batch(images, self.prepare, self.spec, self.limits, self.min_side, large_gate)
         extra = [pb_utils.Tensor(T.TRANSFORM, batch.transforms), pb_utils.Tensor(T.STATUS, batch.status_array)]
         if self.on_gpu:
             import cupy
@@ -48,4 +48,5 @@ class TritonPythonModel:
         return [pb_utils.Tensor(T.PREPROCESSED, np.stack(batch.tensors)), *extra]
 
     def execute(self, requests):
-        return respond_each(requests, self._handle)
+        gate = self.large_gate if len(requests) == 1 else self.large_gate.refusing()
+        return respond_each(requests, lambda request: self._handle(request, gate))

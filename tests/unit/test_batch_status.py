@@ -159,3 +159,15 @@ def test_a_large_image_is_refused_as_busy_while_another_decodes(tmp_path):
         assert prepare_batch(photos, cpu_prepare(SPEC), SPEC, DecodeLimits(), None, small_enough).statuses == ["", ""]
     with second(101):  # released when the other decode ends
         pass
+
+
+def test_a_large_image_batched_with_other_requests_is_refused_as_busy(tmp_path):
+    from backends.errors import BusyError
+    from backends.preprocess.large_images import LargeImageGate
+
+    refusing = LargeImageGate(300_000, tmp_path / "lock").refusing()
+    photos = [(IMAGES / "astronaut.png").read_bytes(), (IMAGES / "dog.jpg").read_bytes()]  # 262,144 and 442,368 px
+    batch = prepare_batch(photos, cpu_prepare(SPEC), SPEC, DecodeLimits(), None, refusing)
+    assert batch.statuses[0] == "" and batch.statuses[1].startswith("image 1: busy: a large image")
+    with pytest.raises(BusyError):
+        prepare_batch(photos[1:], cpu_prepare(SPEC), SPEC, DecodeLimits(), None, refusing)
