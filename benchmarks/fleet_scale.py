@@ -38,6 +38,7 @@ from builder.device_class import host_class  # noqa: E402
 from fleet.controller import Controller  # noqa: E402
 from fleet.nats_server import NatsServer  # noqa: E402
 from fleet.protocol import BundleRef, Release  # noqa: E402
+from sections import replace_section  # noqa: E402
 from fleet.rollout import new_rollout  # noqa: E402
 from fleet.strategy import Strategy  # noqa: E402
 from fleet.transport import NatsFleetBus  # noqa: E402
@@ -379,15 +380,7 @@ How the engine scales there:
 
 
 def write_section(path: Path, result: dict, begin: str, end: str) -> None:
-    """Replace the text between the markers (append the section with its markers when they are missing)."""
-    text = path.read_text() if path.exists() else ""
-    block = f"{begin}\n{section(result)}{end}\n"
-    if begin in text and end in text:
-        head, rest = text.split(begin, 1)
-        text = head + block + rest.split(end, 1)[1].lstrip("\n")
-    else:
-        text = text.rstrip("\n") + "\n\n" + block
-    path.write_text(text)
+    replace_section(path, begin, end, section(result))
 
 
 def main() -> int:

@@ -36,6 +36,7 @@ from loop.frame_cache import FrameCache, FrameCacheSettings, thumbnail  # noqa: 
 from loop.pipeline_step import add_sampling  # noqa: E402
 from loop.settings import SamplingSettings  # noqa: E402
 from loop.uncertainty import pairwise_iou  # noqa: E402
+from sections import replace_section  # noqa: E402
 
 FIXTURES = ROOT.parent / "shared" / "fixtures"
 SPEC = ROOT / "specs" / "centernet_coco.yaml"
@@ -189,13 +190,8 @@ def markdown(result: dict) -> str:
 
 
 def write_section(text: str) -> None:
-    path = ROOT / "BENCHMARKS.md"
-    doc = path.read_text()
-    if BEGIN in doc and END in doc:
-        doc = doc[:doc.index(BEGIN)] + text + doc[doc.index(END) + len(END):]
-    else:
-        doc = doc.rstrip("\n") + "\n\n" + text + "\n"
-    path.write_text(doc)
+    """`text` is the section with its markers (section() adds them)."""
+    replace_section(ROOT / "BENCHMARKS.md", BEGIN, END, text.replace(BEGIN, "").replace(END, ""))
 
 
 def main() -> int:

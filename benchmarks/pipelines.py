@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from sections import replace_section
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -295,15 +296,7 @@ def section(r: dict) -> str:
 
 
 def write_section(path: Path, result: dict) -> None:
-    """Replace the text between the markers (append the section with its markers when they are missing)."""
-    text = path.read_text() if path.exists() else ""
-    block = f"{BEGIN}\n{section(result)}{END}\n"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + block + rest.split(END, 1)[1].lstrip("\n")
-    else:
-        text = text.rstrip("\n") + "\n\n" + block
-    path.write_text(text)
+    replace_section(path, BEGIN, END, section(result))
 
 
 def main() -> int:
