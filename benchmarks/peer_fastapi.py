@@ -30,7 +30,6 @@ import shlex
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -38,30 +37,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from builder.repository import render_repository, target_for  # noqa: E402
 from builder.spec import load_spec  # noqa: E402
+from builder.tune.measure import Level, closed_loop  # noqa: E402,F401 - tune_vs_peers imports them from here
 from edgestack.client import DetectionClient  # noqa: E402
 from edgestack.server import TritonServer, free_port, stop_process_group  # noqa: E402
 
 THROUGHPUT_TARGET = 0.95  # Triton / peer-tuned images per second, at the highest concurrency
 P99_TARGET = 1.10  # Triton / peer-tuned p99 latency, at the highest concurrency
 CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-@dataclass
-class Level:
-    concurrency: int
-    requests: int
-    errors: int
-    seconds: float
-    images_per_s: float
-    p50_ms: float
-    p99_ms: float
 
 
 # ---- the peer service --------------------------------------------------------------------------------
@@ -166,46 +154,6 @@ def grpc_sender(url: str, model: str) -> Callable[[], Callable[[bytes], object]]
         return send
 
     return make
-
-
-def closed_loop(make_sender, images: list[bytes], concurrency: int, seconds: float) -> Level:
-    """`concurrency` threads send back to back for `seconds`; throughput counts answers until all threads end."""
-    senders = [make_sender() for _ in range(concurrency)]
-    latencies: list[float] = []
-    errors = [0]
-    lock = threading.Lock()
-    start = threading.Barrier(concurrency + 1)
-    stop_at = [0.0]
-
-    def worker(n: int) -> None:
-        send, i, mine, failed = senders[n], n, [], 0
-        start.wait()
-        while time.perf_counter() < stop_at[0]:
-            t0 = time.perf_counter()
-            try:
-                send(images[i % len(images)])
-                mine.append(time.perf_counter() - t0)
-            except Exception:  # noqa: BLE001 - counted and reported
-                failed += 1
-            i += concurrency
-        with lock:
-            latencies.extend(mine)
-            errors[0] += failed
-
-    threads = [threading.Thread(target=worker, args=(n,), daemon=True) for n in range(concurrency)]
-    for t in threads:
-        t.start()
-    began = time.perf_counter()
-    stop_at[0] = began + seconds
-    start.wait()
-    for t in threads:
-        t.join()
-    elapsed = time.perf_counter() - began
-    for s in senders:
-        s.close()
-    ms = np.asarray(latencies) * 1000 if latencies else np.asarray([float("nan")])
-    return Level(concurrency, len(latencies), errors[0], elapsed, len(latencies) / elapsed,
-                 float(np.percentile(ms, 50)), float(np.percentile(ms, 99)))
 
 
 # ---- sanity: same model, same answers ----------------------------------------------------------------
