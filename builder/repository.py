@@ -236,12 +236,18 @@ def render_repository(spec: PipelineSpec, out: Path, target: TargetProfile | Non
                 "files_sha256": {f.name: sha256_file(f) for f in variant.files()},
                 **_variant_record(variant),
             }
-        (staging / f"{spec.name}{PIPELINE_FILE_SUFFIX}").write_text(json.dumps(pipeline, indent=2, sort_keys=True, default=str))
-        for item in sorted(staging.iterdir()):
-            dest = out / item.name
-            if dest.is_dir():
-                shutil.rmtree(dest)
-            elif dest.exists():
-                dest.unlink()
-            item.rename(dest)
+        publish_staging(staging, out, spec.name, pipeline)
     return out
+
+
+def publish_staging(staging: Path, out: Path, name: str, pipeline: dict) -> None:
+    """Write <name>.pipeline.json into the staged repository, then move each staged entry over its namesake in
+    `out` (models of other pipelines in `out` stay)."""
+    (staging / f"{name}{PIPELINE_FILE_SUFFIX}").write_text(json.dumps(pipeline, indent=2, sort_keys=True, default=str))
+    for item in sorted(staging.iterdir()):
+        dest = out / item.name
+        if dest.is_dir():
+            shutil.rmtree(dest)
+        elif dest.exists():
+            dest.unlink()
+        item.rename(dest)

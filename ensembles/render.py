@@ -2,15 +2,13 @@
 repository in one go (as builder.repository.render_repository does), with <name>.pipeline.json describing it."""
 from __future__ import annotations
 
-import json
-import shutil
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
 from backends.common.files import sha256_file
-from builder.repository import PIPELINE_FILE_SUFFIX, _write_model, target_for
+from builder.repository import _write_model, publish_staging, target_for
 from builder.settings import pipeline_settings
 from builder.spec import PipelineSpec
 from builder.targets import TargetProfile
@@ -39,12 +37,5 @@ def render_several(spec: PipelineSpec, out: Path, target: TargetProfile | None, 
             "outputs": [t.name for t in ensemble.outputs],
             **description,
         }
-        (staging / f"{spec.name}{PIPELINE_FILE_SUFFIX}").write_text(json.dumps(pipeline, indent=2, sort_keys=True, default=str))
-        for item in sorted(staging.iterdir()):
-            dest = out / item.name
-            if dest.is_dir():
-                shutil.rmtree(dest)
-            elif dest.exists():
-                dest.unlink()
-            item.rename(dest)
+        publish_staging(staging, out, spec.name, pipeline)
     return out
