@@ -40,6 +40,7 @@ class CompressSettings:
     ratios: tuple[float, ...] = (0.3, 0.5, 0.7)
     importance: str = "magnitude"
     round_to: int | None = 16  # channel counts kept multiples of this: ORT's blocked (NCHWc) convolutions need it
+    scope: str = "group"  # "global": all channels ranked together (with importance "activation"; prune.py)
     trainings: tuple[str, ...] = TRAININGS
     int8: bool = True
     steps: int = 150
@@ -173,7 +174,8 @@ def compress(spec, settings: CompressSettings, log: Callable[[str], None] = prin
     teacher = distill.OnnxTeacher(spec.model_path, spec.input_name, threads=settings.threads)
     student_io = distill.StudentIO("NCHW", "NCHW", "logits")
     for ratio in settings.ratios:
-        pruned = prune(copy, PruneSettings(float(ratio), settings.importance, settings.round_to), pruning_images)
+        prune_settings = PruneSettings(float(ratio), settings.importance, settings.round_to, scope=settings.scope)
+        pruned = prune(copy, prune_settings, pruning_images)
         log(f"ratio {ratio}: {pruned.params_after:,} parameters ({pruned.params_before:,} before)")
         for training in settings.trainings:
             name = f"r{round(ratio * 100)}-{training}"
@@ -204,6 +206,7 @@ def compress(spec, settings: CompressSettings, log: Callable[[str], None] = prin
     context = {"machine": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                "device_class": host_class(), "threads": settings.threads, "evaluation_images": len(eval_images),
                "training_images": len(train_images), "importance": settings.importance, "round_to": settings.round_to,
+               "scope": settings.scope,
                "steps": settings.steps,
                "batch_size": settings.batch_size, "learning_rate": settings.learning_rate,
                "temperature": settings.temperature, "heat_weighting": settings.heat_weighting,
