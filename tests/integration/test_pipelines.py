@@ -20,6 +20,7 @@ from tests.integration.pipeline_support import best, infer_batch, iou, same_dete
 pytestmark = pytest.mark.integration
 
 CLOUD_BELOW = 0.45  # the cascade's router: precise answers under this go to the "cloud" (this server's detect)
+CLOUD_DEADLINE_MS = 120_000
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +30,11 @@ def pipelines_server(tmp_path_factory) -> Iterator[TritonServer]:
     grpc_port = free_port()
     single = load_spec(SPEC)
     cascade = load_spec(ROOT / "specs" / "centernet_cascade.yaml")
+    # the "cloud" is this same server, busy with the batch under test on 2 shared cores: a deadline it always meets,
+    # so a cloud answer is never replaced by the edge's fallback (test_router_cloud tests the deadline itself)
     cascade = cascade.replace(router=dataclasses.replace(cascade.router, cloud_url=f"127.0.0.1:{grpc_port}",
-                                                         cloud_model=single.name, min_confidence=CLOUD_BELOW))
+                                                         cloud_model=single.name, min_confidence=CLOUD_BELOW,
+                                                         deadline_ms=CLOUD_DEADLINE_MS))
     for spec in (single, cascade, load_spec(ROOT / "specs" / "centernet_parallel.yaml")):
         # one instance per step: three pipelines share this machine's cores
         render_pipeline(spec, repo, target_for(spec, max_queue_delay_us=QUEUE_DELAY_US, detector_instances=1,
