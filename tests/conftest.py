@@ -69,6 +69,7 @@ def xdist_group(item: pytest.Item, variant_modules: set[str]) -> str | None:
     return None
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook, which reads the xdist_group marks in the workers
 def pytest_collection_modifyitems(config, items):
     variant_modules = set()
     for item in items:

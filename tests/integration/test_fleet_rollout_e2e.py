@@ -212,9 +212,15 @@ def _serving(device: Device) -> str | None:
     return device.versions().get("current_model_version")
 
 
-def test_a_good_release_goes_through_every_stage(fleet):
+@pytest.fixture(scope="module")
+def good_rollout(fleet) -> dict:
+    """1.1.0 rolled out to the whole fleet, once per module, whichever test asks first."""
     fleet.registry.push([fleet.bundles["1.1.0"]], changelog="retrained weights, same detections")
-    record = _run_rollout(fleet, "1.1.0", "e2e-good")
+    return _run_rollout(fleet, "1.1.0", "e2e-good")
+
+
+def test_a_good_release_goes_through_every_stage(fleet, good_rollout):
+    record = good_rollout
     assert record["state"] == "COMPLETED", json.dumps(record["events"][-5:], indent=1)
     assert [_serving(d) for d in fleet.devices] == ["1.1.0"] * 3
     started = [e for e in record["events"] if e.get("event") == "stage_started"]
@@ -227,9 +233,9 @@ def test_a_good_release_goes_through_every_stage(fleet):
     assert "general_availability" in view
 
 
-def test_a_release_bad_on_one_class_is_rolled_back_everywhere(fleet):
-    if [_serving(d) for d in fleet.devices] != ["1.1.0"] * 3:
-        pytest.skip("needs the fleet on 1.1.0 (test_a_good_release_goes_through_every_stage)")
+def test_a_release_bad_on_one_class_is_rolled_back_everywhere(fleet, good_rollout):
+    assert good_rollout["state"] == "COMPLETED", "the fleet must be on 1.1.0 first"
+    assert [_serving(d) for d in fleet.devices] == ["1.1.0"] * 3, [d.versions() for d in fleet.devices]
     fleet.registry.push([fleet.bundles["1.2.0-good"], fleet.bundles["1.2.0-bad"]],
                         changelog="1.2.0: the x86-avx2 build shifts every box")
     record = _run_rollout(fleet, "1.2.0", "e2e-bad-class")
