@@ -59,3 +59,23 @@ def client(request, edge_server) -> Iterator[DetectionClient]:
 # The sidecar modules' shared server and agents (defined beside their helpers)
 from tests.integration.sidecar_support import (fixture_sidecar_env, make_agent, sidecar_env,  # noqa: E402, F401
                                                swap_env)
+
+
+def served_detections(server: TritonServer, variants, model_of, images: list[Path], references) -> dict:
+    """(variant, protocol) -> detections per image as the server answered them over gRPC and HTTP, in the
+    ImageDetections of builder.optimize.evaluate (each image's size taken from its in-process reference)."""
+    from builder.optimize.evaluate import ImageDetections
+
+    answers = {}
+    for name in variants:
+        for protocol, url in (("grpc", server.grpc_url), ("http", server.http_url)):
+            with DetectionClient(url, protocol, model=model_of(name)) as client:
+                per_image = []
+                for path, reference in zip(images, references):
+                    result = client.detect(path.read_bytes())
+                    assert result.source == "edge" and not result.degraded
+                    per_image.append(ImageDetections(
+                        [d.box for d in result.detections], [d.score for d in result.detections],
+                        [d.class_id for d in result.detections], reference.width, reference.height, path.name))
+                answers[name, protocol] = per_image
+    return answers

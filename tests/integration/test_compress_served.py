@@ -33,10 +33,9 @@ from builder.optimize.pipeline import make_runner
 from builder.optimize.variants import Variant
 from builder.repository import PIPELINE_FILE_SUFFIX, render_repository, target_for
 from builder.spec import load_spec
-from edgestack.client import DetectionClient
 from edgestack.server import TritonServer
 from tests.conftest import FIXTURES, IMAGES, SPEC
-from tests.integration.conftest import assert_stopped
+from tests.integration.conftest import served_detections, assert_stopped
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -105,19 +104,7 @@ def teacher_reference(spec, photos) -> list[ImageDetections]:
 
 @pytest.fixture(scope="module")
 def served(server, variants, photos, teacher_reference) -> dict[tuple[str, str], list[ImageDetections]]:
-    answers = {}
-    for name in variants:
-        for protocol, url in (("grpc", server.grpc_url), ("http", server.http_url)):
-            with DetectionClient(url, protocol, model=pipeline_name(name)) as client:
-                per_image = []
-                for path, reference in zip(photos, teacher_reference):
-                    result = client.detect(path.read_bytes())
-                    assert result.source == "edge" and not result.degraded
-                    per_image.append(ImageDetections(
-                        [d.box for d in result.detections], [d.score for d in result.detections],
-                        [d.class_id for d in result.detections], reference.width, reference.height, path.name))
-                answers[name, protocol] = per_image
-    return answers
+    return served_detections(server, variants, pipeline_name, photos, teacher_reference)
 
 
 def in_process(variant: Variant, spec, photos: list[Path], score: float = evaluate.MAP_SCORE_THRESHOLD):

@@ -41,10 +41,9 @@ from builder.optimize.pipeline import DEFAULT_ACCURACY_FLOOR
 from builder.optimize.variants import Variant
 from builder.repository import PIPELINE_FILE_SUFFIX, render_repository, target_for
 from builder.spec import load_spec
-from edgestack.client import DetectionClient
 from edgestack.server import TritonServer
 from tests.conftest import IMAGES, SPEC
-from tests.integration.conftest import assert_stopped
+from tests.integration.conftest import served_detections, assert_stopped
 from tests.variants import ORT_CALIBRATION_IMAGES
 
 pytestmark = pytest.mark.integration
@@ -117,19 +116,7 @@ def server(spec, variants, tmp_path_factory) -> Iterator[TritonServer]:
 @pytest.fixture(scope="module")
 def served(server, variants, eval_images, fp32_reference) -> dict[tuple[str, str], list[ImageDetections]]:
     """(variant, protocol) -> detections per evaluation image, as the server answered them."""
-    answers = {}
-    for name in variants:
-        for protocol, url in (("grpc", server.grpc_url), ("http", server.http_url)):
-            with DetectionClient(url, protocol, model=pipeline_name(name)) as client:
-                per_image = []
-                for path, reference in zip(eval_images, fp32_reference):
-                    result = client.detect(path.read_bytes())
-                    assert result.source == "edge" and not result.degraded
-                    per_image.append(ImageDetections(
-                        [d.box for d in result.detections], [d.score for d in result.detections],
-                        [d.class_id for d in result.detections], reference.width, reference.height, path.name))
-                answers[name, protocol] = per_image
-    return answers
+    return served_detections(server, variants, pipeline_name, eval_images, fp32_reference)
 
 
 @pytest.mark.parametrize("name", sorted(VARIANTS))
