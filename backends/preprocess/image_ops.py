@@ -86,7 +86,8 @@ def decode_reduced(data: bytes, limits: DecodeLimits = DecodeLimits(), min_side:
                    budget: PixelBudget | None = None, large_gate: Callable[[int], ContextManager] | None = None) -> Decoded:
     """decode_image, but a JPEG is decoded at the smallest DCT scale (1/2, 1/4, 1/8: Pillow's draft mode) that
     keeps both sides >= min_side (None: full size), the decoded pixels are charged to budget first, and the decode
-    runs inside large_gate(pixels) (backends/preprocess/large_images.py), which may refuse it as busy."""
+    runs inside large_gate(pixels) (backends/preprocess/large_images.py), which may refuse it as busy or run it at
+    low priority."""
     size = memoryview(data).nbytes
     if size == 0:
         raise InvalidImageError("empty image bytes")
@@ -101,27 +102,41 @@ def decode_reduced(data: bytes, limits: DecodeLimits = DecodeLimits(), min_side:
     with img:
         _check_size(img.width, img.height, limits)
         width, height = img.size
-        try:
-            swapped = img.getexif().get(_EXIF_ORIENTATION) in (5, 6, 7, 8)
-        except Exception:  # noqa: BLE001 - an unreadable EXIF block leaves the orientation alone
-            swapped = False
         if min_side and img.format == "JPEG" and min(width, height) >= 2 * min_side:
             img.draft(None, (min_side, min_side))  # changes img.size only where the file allows it
         drafted = img.size != (width, height)
+        # Only a JPEG's EXIF is read before decoding: Pillow's PNG getexif() decodes the whole image to look for it.
+        swapped = drafted and _exif_orientation(img) in (5, 6, 7, 8)
         if budget is not None:
             budget.spend(img.width, img.height)
-        with large_gate(img.width * img.height) if large_gate is not None else nullcontext():
-            try:
-                img.load()
-                ImageOps.exif_transpose(img, in_place=True)
-            except MemoryError:
-                raise
-            except Exception as exc:  # OSError("image file is truncated"), SyntaxError, zlib errors, ...
-                raise InvalidImageError(f"image is truncated or corrupt: {exc}") from exc
-            if not drafted:
-                _check_size(img.width, img.height, limits)
-                return Decoded(_to_rgb(img), img.height, img.width)
-            return Decoded(_to_rgb(img), *((width, height) if swapped else (height, width)))
+        gate = large_gate(img.width * img.height) if large_gate is not None else nullcontext(_call)
+        with gate as run:
+            return run(lambda: _load(img, limits, drafted, (width, height) if swapped else (height, width)))
+
+
+def _call(fn):
+    return fn()
+
+
+def _exif_orientation(img: Image.Image) -> int | None:
+    try:
+        return img.getexif().get(_EXIF_ORIENTATION)
+    except Exception:  # noqa: BLE001 - an unreadable EXIF block leaves the orientation alone
+        return None
+
+
+def _load(img: Image.Image, limits: DecodeLimits, drafted: bool, original_hw: tuple[int, int]) -> Decoded:
+    try:
+        img.load()
+        ImageOps.exif_transpose(img, in_place=True)
+    except MemoryError:
+        raise
+    except Exception as exc:  # OSError("image file is truncated"), SyntaxError, zlib errors, ...
+        raise InvalidImageError(f"image is truncated or corrupt: {exc}") from exc
+    if not drafted:
+        _check_size(img.width, img.height, limits)
+        return Decoded(_to_rgb(img), img.height, img.width)
+    return Decoded(_to_rgb(img), *original_hw)
 
 
 def _to_rgb(img: Image.Image) -> np.ndarray:

@@ -171,3 +171,48 @@ def test_a_large_image_batched_with_other_requests_is_refused_as_busy(tmp_path):
     assert batch.statuses[0] == "" and batch.statuses[1].startswith("image 1: busy: a large image")
     with pytest.raises(BusyError):
         prepare_batch(photos[1:], cpu_prepare(SPEC), SPEC, DecodeLimits(), None, refusing)
+
+
+def test_a_large_image_is_decoded_in_the_lowest_priority_thread_and_a_small_one_here(tmp_path):
+    import os
+    import threading
+
+    from backends.preprocess.large_images import LargeImageGate
+
+    def where() -> tuple[int, int, int]:
+        return threading.get_native_id(), os.sched_getscheduler(0), os.getpriority(os.PRIO_PROCESS, 0)
+
+    gate = LargeImageGate(100, tmp_path / "lock")
+    with gate(100) as run:
+        assert run(where) == where()  # an ordinary image: this thread, its priority
+    with gate(101) as run:
+        thread, policy, nice = run(where)
+    assert thread != threading.get_native_id()
+    assert policy == os.SCHED_IDLE or nice == 19
+    assert where()[1:] != (policy, nice)  # the caller's own priority is left alone
+    with gate(101) as run, pytest.raises(ZeroDivisionError):
+        run(lambda: 1 / 0)  # an error in the worker reaches the caller
+
+    photo = (IMAGES / "dog.jpg").read_bytes()  # 442,368 px: large for this gate, decoded in the worker
+    large = LargeImageGate(300_000, tmp_path / "lock2")
+    batch = prepare_batch([photo], cpu_prepare(SPEC), SPEC, DecodeLimits(), None, large)
+    plain = prepare_batch([photo], cpu_prepare(SPEC), SPEC, DecodeLimits(), None, None)
+    assert batch.statuses == [""] and np.array_equal(batch.tensors[0], plain.tensors[0])
+
+
+def test_a_large_png_refused_as_busy_is_never_decoded(tmp_path, monkeypatch):
+    from PIL import PngImagePlugin
+
+    from backends.errors import BusyError
+    from backends.preprocess.large_images import LargeImageGate
+
+    loads = []
+    real_load = PngImagePlugin.PngImageFile.load
+    monkeypatch.setattr(PngImagePlugin.PngImageFile, "load", lambda self: loads.append(1) or real_load(self))
+    png = (IMAGES / "astronaut.png").read_bytes()
+    holder, gate = LargeImageGate(100, tmp_path / "lock"), LargeImageGate(100, tmp_path / "lock")
+    with holder(101), pytest.raises(BusyError):
+        prepare_batch([png], cpu_prepare(SPEC), SPEC, DecodeLimits(), None, gate)
+    assert loads == []  # the header gave the size; the pixels were never decompressed
+    assert prepare_batch([png], cpu_prepare(SPEC), SPEC, DecodeLimits(), None, gate).statuses == [""]
+    assert loads
