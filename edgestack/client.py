@@ -11,7 +11,7 @@ from backends.common import tensors as T
 from edgestack.errors import ClientError
 
 PROTOCOLS = ("grpc", "http")
-OUTPUTS = (*T.DETECTION_OUTPUTS, T.SOURCE, T.DEGRADED)
+OUTPUTS = (*T.DETECTION_OUTPUTS, T.SOURCE, T.DEGRADED, T.STATUS)
 
 
 @dataclass(frozen=True)
@@ -27,12 +27,19 @@ class DetectionResult:
     detections: tuple[Detection, ...]
     source: str
     degraded: bool
+    error: str = ""  # "image <index>: <what is wrong>" when this image of the request failed; it has no detections
+
+    @property
+    def ok(self) -> bool:
+        return not self.error
 
     @property
     def class_names(self) -> list[str]:
         return [d.class_name for d in self.detections]
 
     def to_dict(self) -> dict[str, Any]:
+        if self.error:
+            return {"error": self.error}
         return {
             "source": self.source,
             "degraded": self.degraded,
@@ -55,8 +62,11 @@ def _module(protocol: str):
 
 
 def results_from_arrays(arrays: dict[str, np.ndarray]) -> list[DetectionResult]:
-    """Split the ensemble's padded batch outputs into one result per image."""
+    """Split the ensemble's padded batch outputs into one result per image (with its STATUS, where the server
+    sent one)."""
     counts = arrays[T.NUM_DETECTIONS].reshape(-1)
+    statuses = arrays.get(T.STATUS)
+    statuses = [s.decode() for s in statuses.reshape(-1)] if statuses is not None else [""] * len(counts)
     results = []
     for i, k in enumerate(counts.tolist()):
         detections = tuple(
@@ -69,7 +79,8 @@ def results_from_arrays(arrays: dict[str, np.ndarray]) -> list[DetectionResult]:
             for j in range(k)
         )
         source = arrays[T.SOURCE].reshape(-1)[i]
-        results.append(DetectionResult(detections, source.decode(), bool(arrays[T.DEGRADED].reshape(-1)[i])))
+        degraded = bool(arrays[T.DEGRADED].reshape(-1)[i])
+        results.append(DetectionResult(detections, source.decode(), degraded, statuses[i]))
     return results
 
 
@@ -95,10 +106,12 @@ class DetectionClient:
         return {name: result.as_numpy(name) for name in OUTPUTS}
 
     def detect(self, image: bytes) -> DetectionResult:
+        """One image; ClientError when the server refuses it (its message says why)."""
         return results_from_arrays(self.infer_arrays([image]))[0]
 
     def detect_batch(self, images: Sequence[bytes]) -> list[DetectionResult]:
-        """Several images in one request (one error fails the whole request; send separately to isolate)."""
+        """Several images in one request, one result each: a bad image fails only itself (its result's error says
+        why, by index); ClientError when the request fails as a whole (every image bad, or the server busy)."""
         return results_from_arrays(self.infer_arrays(images))
 
     def is_ready(self) -> bool:

@@ -75,3 +75,19 @@ def test_status_alone_can_be_asked_for(edge_server, eight, protocol):
         client.close()
     statuses = [s.decode() for s in result.as_numpy(T.STATUS).reshape(-1)]
     assert statuses[0] == "" and statuses[1].startswith("image 1: ")
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_the_client_gives_each_image_its_result_or_its_error(edge_server, eight, protocol):
+    from edgestack.client import DetectionClient
+    from edgestack.errors import ClientError
+
+    url = edge_server.grpc_url if protocol == "grpc" else edge_server.http_url
+    with DetectionClient(url, protocol) as client:
+        results = client.detect_batch(eight[:5])
+        assert [r.ok for r in results] == [True, True, True, False, True]
+        assert results[3].error.startswith("image 3: ") and results[3].detections == ()
+        assert results[3].to_dict() == {"error": results[3].error}
+        assert [r.detections for r in results[:3]] == [client.detect(image).detections for image in eight[:3]]
+        with pytest.raises(ClientError, match="image 0: "):
+            client.detect(eight[3])
