@@ -160,6 +160,16 @@ def _variant_record(variant: "Variant") -> dict:
     return {key: record[key] for key in ("device_classes", "manifest") if record.get(key)}
 
 
+def variant_record(variant: "Variant") -> dict:
+    """What <name>.pipeline.json says of a served variant: how it was built, its files' hashes, its classes."""
+    return {
+        "name": variant.name, "runtime": variant.runtime, "precision": variant.precision,
+        "options": variant.options, "targets": list(variant.targets),
+        "files_sha256": {f.name: sha256_file(f) for f in variant.files()},
+        **_variant_record(variant),
+    }
+
+
 def _check_variant(spec: PipelineSpec, variant: "Variant") -> None:
     missing = [str(f) for f in variant.files() if not f.is_file()]
     if missing:
@@ -230,12 +240,7 @@ def render_repository(spec: PipelineSpec, out: Path, target: TargetProfile | Non
             "outputs": [T.BOXES, T.SCORES, T.CLASS_IDS, T.CLASS_NAMES, T.NUM_DETECTIONS, T.SOURCE, T.DEGRADED, T.STATUS],
         }
         if variant is not None:
-            pipeline["variant"] = {
-                "name": variant.name, "runtime": variant.runtime, "precision": variant.precision,
-                "options": variant.options, "targets": list(variant.targets),
-                "files_sha256": {f.name: sha256_file(f) for f in variant.files()},
-                **_variant_record(variant),
-            }
+            pipeline["variant"] = variant_record(variant)
         publish_staging(staging, out, spec.name, pipeline)
     return out
 

@@ -22,7 +22,10 @@ def _add_build_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", choices=TARGETS,
                         help="accelerator target (default: the spec's; intel for an OpenVINO --variant)")
     parser.add_argument("--variant", metavar="DIR", help="serve this built model variant (a folder with variant.json) "
-                                                        "instead of the spec's model")
+                                                        "instead of the spec's model (a cascade's precise stage, a "
+                                                        "parallel ensemble's first model)")
+    parser.add_argument("--second-variant", metavar="DIR", help="a cascade's fast stage or a parallel ensemble's second "
+                                                               "model: this variant of it (built at its input size)")
     parser.add_argument("--cloud-url", help="host:port of a cloud Triton (gRPC) for low-confidence images")
     parser.add_argument("--max-batch-size", type=int, help="override the target's max batch size")
     parser.add_argument("--detector-instances", type=int, help="override the detector's instance count")
@@ -38,14 +41,13 @@ def build_from_args(args: argparse.Namespace) -> Path:
     from ensembles import render_pipeline
 
     spec = load_spec(args.spec)
-    variant = None
-    if getattr(args, "variant", None):
-        from builder.optimize.variants import load_variant
+    from builder.optimize.variants import load_variant
 
-        variant, _ = load_variant(Path(args.variant))
+    variant, second_variant = (load_variant(Path(getattr(args, name)))[0] if getattr(args, name, None) else None
+                               for name in ("variant", "second_variant"))
     if args.target:
         spec = spec.replace(target=args.target)
-    elif variant is not None and variant.runtime == "openvino":
+    elif any(v is not None and v.runtime == "openvino" for v in (variant, second_variant)):
         spec = spec.replace(target="intel")
     if args.cloud_url:
         spec = spec.replace(router=dataclasses.replace(spec.router, cloud_url=args.cloud_url))
@@ -53,7 +55,7 @@ def build_from_args(args: argparse.Namespace) -> Path:
         spec = spec.replace(pipeline=PipelineChoice(**{**vars(spec.pipeline), "kind": args.pipeline}))
     target = target_for(spec, max_batch_size=args.max_batch_size, detector_instances=args.detector_instances,
                         intra_op_threads=args.intra_op_threads)
-    return render_pipeline(spec, Path(args.out), target, variant=variant)
+    return render_pipeline(spec, Path(args.out), target, variant=variant, second_variant=second_variant)
 
 
 def cmd_build(args: argparse.Namespace) -> int:

@@ -4,7 +4,8 @@
     cascade   a fast model answers when confident, the spec's model when not, the cloud last (BLS model)
     parallel  the spec's model and a second one on every image, boxes fused with Weighted Boxes Fusion
 
-Each module has SUMMARY and render(spec, out, target=None, variant=None) -> out; render_pipeline picks by kind.
+Each module has SUMMARY and render(spec, out, target=None, variant=None, second_variant=None) -> out (variant: served
+instead of the spec's model; second_variant: instead of the second detector's); render_pipeline picks by kind.
 """
 from __future__ import annotations
 
@@ -25,6 +26,6 @@ assert tuple(PIPELINES) == PIPELINE_KINDS
 
 
 def render_pipeline(spec: PipelineSpec, out: Path, target: TargetProfile | None = None,
-                    variant: "Variant | None" = None) -> Path:
+                    variant: "Variant | None" = None, second_variant: "Variant | None" = None) -> Path:
     """Render the spec's pipeline (spec.pipeline.kind) into the repository out and return out."""
-    return PIPELINES[spec.pipeline.kind].render(spec, Path(out), target, variant)
+    return PIPELINES[spec.pipeline.kind].render(spec, Path(out), target, variant, second_variant)

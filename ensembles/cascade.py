@@ -15,13 +15,12 @@ from pathlib import Path
 from backends.common import tensors as T
 from backends.common.pipeline_settings import CascadeSettings
 from builder import steps
-from builder.errors import BuilderError
 from builder.model_inspect import inspect_onnx
-from builder.repository import _write_model
+from builder.repository import _write_model, target_for
 from builder.spec import PipelineSpec
 from builder.targets import TargetProfile
 from builder.triton_config import EnsembleStep, ModelConfig, TensorConfig
-from ensembles.members import EDGE, member_ensemble, render_member, second_spec
+from ensembles.members import EDGE, member_ensemble, member_variants, pipeline_target, render_member, second_spec
 from ensembles.render import render_several
 
 SUMMARY = "fast model when confident, else the spec's model, then the cloud (BLS: ensembles cannot branch)"
@@ -46,13 +45,15 @@ def stage_router(router: ModelConfig) -> ModelConfig:
                                outputs=router.outputs + (TensorConfig(T.STAGE, "BYTES", (1,)),))
 
 
-def render(spec: PipelineSpec, out: Path, target: TargetProfile | None = None, variant=None) -> Path:
-    if variant is not None:
-        raise BuilderError("a cascade pipeline serves the spec's models; render a variant with a single pipeline")
+def render(spec: PipelineSpec, out: Path, target: TargetProfile | None = None, variant=None,
+           second_variant=None) -> Path:
+    """variant: served by the precise stage instead of the spec's model; second_variant: by the fast stage (a
+    variant of the second model at its own input size)."""
+    target = pipeline_target(target or target_for(spec), variant, second_variant)
 
     def build(staging: Path, work: Path, target: TargetProfile):
-        fast = render_member(second_spec(spec, work), "fast", target, staging)
-        precise = render_member(spec, "precise", target, staging)
+        fast = render_member(second_spec(spec, work), "fast", target, staging, second_variant, work)
+        precise = render_member(spec, "precise", target, staging, variant, work)
         for member in (fast, precise):
             _write_model(staging, member_ensemble(member), None)
         settings = CascadeSettings(stages=(fast.name, precise.name), stage_names=STAGES,
@@ -74,6 +75,7 @@ def render(spec: PipelineSpec, out: Path, target: TargetProfile | None = None, v
             ))
         return ensemble, {"stages": {"fast": str(fast.spec.model_path), "precise": str(precise.spec.model_path)},
                           "min_confidence": spec.pipeline.min_confidence,
+                          "variants": member_variants((fast, precise)),
                           "inputs": {"fast": [fast.spec.input.height, fast.spec.input.width],
                                      "precise": [precise.spec.input.height, precise.spec.input.width]}}
 

@@ -5,15 +5,19 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from backends.common import tensors as T
 from builder import steps
 from builder.model_inspect import inspect_onnx
-from builder.repository import _write_detector_model, _write_model, check_interface
+from builder.repository import _check_variant, _write_detector_model, _write_model, check_interface, variant_record
 from builder.spec import PipelineSpec
 from builder.targets import TargetProfile
 from builder.triton_config import EnsembleStep, ModelConfig, TensorConfig
 from ensembles.input_resize import resize_input
+
+if TYPE_CHECKING:
+    from builder.optimize.variants import Variant
 
 EDGE = tuple(T.EDGE_TO_FINAL)  # postprocess's outputs: EDGE_BOXES ... EDGE_NUM_DETECTIONS
 
@@ -25,6 +29,7 @@ class Member:
     role: str
     spec: PipelineSpec
     configs: steps.PipelineConfigs
+    variant: "Variant | None" = None  # the built variant its detector serves instead of spec.model_path
 
     @property
     def name(self) -> str:
@@ -52,17 +57,41 @@ def second_spec(spec: PipelineSpec, work_dir: Path) -> PipelineSpec:
     return spec.replace(model_path=model_path, input=spec_input, thresholds=thresholds)
 
 
-def render_member(spec: PipelineSpec, role: str, target: TargetProfile, staging: Path) -> Member:
-    """Write the member's preprocess, detector and postprocess models into staging (named <spec.name>_<role>_*)."""
+def render_member(spec: PipelineSpec, role: str, target: TargetProfile, staging: Path,
+                  variant: "Variant | None" = None, work_dir: Path | None = None) -> Member:
+    """Write the member's preprocess, detector and postprocess models into staging (named <spec.name>_<role>_*).
+    variant: a built variant of the member's own model (its input size) served instead of it; on the intel target
+    a member without one serves its model converted to OpenVINO FP32 in work_dir."""
     member = spec.replace(name=f"{spec.name}_{role}")
     interface = inspect_onnx(member.model_path)
     check_interface(member, interface)
+    if variant is not None:
+        _check_variant(member, variant)
+    elif target.detector_engine == "python_openvino":
+        from builder.optimize.openvino_variants import build_openvino
+
+        variant = build_openvino(member.model_path, Path(work_dir or staging.parent) / f"ov-fp32-{role}", "fp32")
     configs = steps.pipeline_configs(member, target, interface)
     _write_model(staging, configs.preprocess, "preprocess")
     detector_dir = _write_model(staging, configs.detector, "detector" if target.python_detector else None)
-    _write_detector_model(member, target, None, detector_dir / "1")
+    _write_detector_model(member, target, variant, detector_dir / "1")
     _write_model(staging, configs.postprocess, "postprocess")
-    return Member(role, member, configs)
+    return Member(role, member, configs, variant)
+
+
+def member_variants(members: "list[Member] | tuple[Member, ...]") -> dict[str, Any]:
+    """For <name>.pipeline.json: role -> the variant its detector serves (as a single pipeline records it)."""
+    return {m.role: variant_record(m.variant) for m in members if m.variant is not None}
+
+
+def pipeline_target(target: TargetProfile, *variants: "Variant | None") -> TargetProfile:
+    """The target that serves every given variant (builder.repository.target_for_variant), or TargetError."""
+    from builder.repository import target_for_variant
+
+    for variant in variants:
+        if variant is not None:
+            target = target_for_variant(target, variant)
+    return target
 
 
 def member_steps(member: Member, prefix: str = "", status: str = T.STATUS) -> tuple[EnsembleStep, ...]:

@@ -13,13 +13,12 @@ from backends.common import tensors as T
 from backends.common.pipeline_settings import FusionSettings
 from backends.fusion.wbf import member_prefixes
 from builder import steps
-from builder.errors import BuilderError
 from builder.model_inspect import inspect_onnx
-from builder.repository import _write_model
+from builder.repository import _write_model, target_for
 from builder.spec import PipelineSpec
 from builder.targets import TargetProfile
 from builder.triton_config import EnsembleStep, ModelConfig, TensorConfig
-from ensembles.members import EDGE, member_steps, render_member, second_spec
+from ensembles.members import EDGE, member_steps, member_variants, pipeline_target, render_member, second_spec
 from ensembles.render import render_several
 
 SUMMARY = "the spec's model and a second one on every image, boxes fused (Weighted Boxes Fusion)"
@@ -38,12 +37,15 @@ def fusion_config(name: str, settings: FusionSettings, postprocess: ModelConfig,
     )
 
 
-def render(spec: PipelineSpec, out: Path, target: TargetProfile | None = None, variant=None) -> Path:
-    if variant is not None:
-        raise BuilderError("a parallel pipeline serves the spec's models; render a variant with a single pipeline")
+def render(spec: PipelineSpec, out: Path, target: TargetProfile | None = None, variant=None,
+           second_variant=None) -> Path:
+    """variant: served by member a instead of the spec's model; second_variant: by member b (a variant of the
+    second model at its own input size)."""
+    target = pipeline_target(target or target_for(spec), variant, second_variant)
 
     def build(staging: Path, work: Path, target: TargetProfile):
-        members = [render_member(spec, "a", target, staging), render_member(second_spec(spec, work), "b", target, staging)]
+        members = [render_member(spec, "a", target, staging, variant, work),
+                   render_member(second_spec(spec, work), "b", target, staging, second_variant, work)]
         prefixes = member_prefixes(len(members))
         f = spec.pipeline.fusion
         settings = FusionSettings(weights=f.weights, iou=f.iou, skip_score=f.skip_score,
@@ -64,6 +66,7 @@ def render(spec: PipelineSpec, out: Path, target: TargetProfile | None = None, v
                              {t.name: t.name for t in router.outputs}),
             ))
         return ensemble, {"members": {m.role: str(m.spec.model_path) for m in members},
+                          "variants": member_variants(members),
                           "inputs": {m.role: [m.spec.input.height, m.spec.input.width] for m in members},
                           "fusion": {"weights": list(f.weights), "iou": f.iou, "skip_score": f.skip_score}}
 

@@ -30,6 +30,8 @@ from typing import Iterator
 import numpy as np
 import pytest
 
+from backends.common import tensors as T
+
 from backends.common.files import image_files
 from backends.detector.onnx_runner import OnnxDetector, make_session
 from builder.device_class import host_class
@@ -42,7 +44,8 @@ from builder.optimize.variants import Variant
 from builder.repository import PIPELINE_FILE_SUFFIX, render_repository, target_for
 from builder.spec import load_spec
 from edgestack.server import TritonServer
-from tests.conftest import IMAGES, SPEC
+from ensembles import render_pipeline
+from tests.conftest import IMAGES, ROOT, SPEC
 from tests.integration.conftest import served_detections, assert_stopped
 from tests.variants import ORT_CALIBRATION_IMAGES
 
@@ -57,6 +60,10 @@ VARIANTS = {
     "int8-mean-quantile": (ov.FAST_INT8, DEFAULT_ACCURACY_FLOOR),
 }
 ISA = settings_for(host_class()).ort
+
+
+CASCADE, CASCADE_VARIANT = "cascade_int8", "int8-mean-quantile"  # a cascade whose precise stage serves this variant
+CASCADE_SPEC = ROOT / "specs" / "centernet_cascade.yaml"
 
 
 def pipeline_name(variant: str) -> str:
@@ -105,6 +112,10 @@ def server(spec, variants, tmp_path_factory) -> Iterator[TritonServer]:
         served = spec.replace(name=pipeline_name(name), thresholds=low)
         # one detector instance each (the target's default is 2): what is checked is what each pipeline answers
         render_repository(served, repository, target_for(served, detector_instances=1), variant=variant)
+    cascade = load_spec(CASCADE_SPEC)
+    cascade = cascade.replace(name=CASCADE, thresholds=dataclasses.replace(cascade.thresholds, score=low.score))
+    render_pipeline(cascade, repository, target_for(cascade, detector_instances=1, preprocess_instances=1),
+                    variant=variants[CASCADE_VARIANT])
     started = time.perf_counter()
     with TritonServer(repository, log_path=tmp / "tritonserver.log") as running:
         print(f"\ntritonserver with {len(variants)} pipelines ready in {time.perf_counter() - started:.1f} s")
@@ -164,3 +175,23 @@ def test_quantized_decode_tail_fails_every_floor(spec, shared_variants, eval_ima
                                      reference_score_threshold=spec.thresholds.score)
     print(f"\ndecode tail quantized: fidelity mAP@0.5 {fidelity['map50']:.3f}")
     assert fidelity["map50"] < min(floor for _, floor in VARIANTS.values()) / 2
+
+
+def test_a_cascade_serves_the_int8_variant_in_its_precise_stage(server, variants, served, eval_images):
+    """Images the cascade's fast stage is unsure of are answered by its precise stage: the INT8 variant, answering
+    as the single pipeline serving the same variant does."""
+    from tests.integration.pipeline_support import infer_batch
+
+    record = json.loads((server.repository / f"{CASCADE}{PIPELINE_FILE_SUFFIX}").read_text())
+    assert record["variants"]["precise"]["files_sha256"]["model.onnx"] == variants[CASCADE_VARIANT].options["sha256"]
+    assert "fast" not in record["variants"]
+    precise = 0
+    for path, single in zip(eval_images, served[CASCADE_VARIANT, "grpc"]):
+        answer, = infer_batch(server.grpc_url, "grpc", CASCADE, [path.read_bytes()], extra=[T.STAGE])
+        if answer[T.STAGE] != "precise":
+            continue
+        precise += 1
+        assert len(answer["scores"]) == len(single.scores)
+        np.testing.assert_allclose(answer["scores"], np.asarray(single.scores).reshape(-1), atol=1e-5)
+        np.testing.assert_allclose(answer["boxes"], np.asarray(single.boxes).reshape(-1, 4), atol=1e-2)
+    assert precise > 0

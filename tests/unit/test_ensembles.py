@@ -130,9 +130,46 @@ def test_parallel_runs_both_branches_into_the_fusion_then_the_router(pipelines_r
     assert list(configs["parallel_b_detector"].inputs[0].dims) == [384, 384, 3]
 
 
-def test_a_cascade_cannot_serve_a_variant(tmp_path):
-    with pytest.raises(BuilderError, match="single pipeline"):
-        render_pipeline(load_spec(CASCADE_SPEC), tmp_path / "repo", variant=object())
+def _variant(path: Path, name: str, targets=("cpu",)):
+    from builder.optimize.variants import Variant
+
+    return Variant(name, "onnxruntime", "fp32", path, {}, targets)
+
+
+@pytest.mark.parametrize("spec_path, roles", [(CASCADE_SPEC, ("precise", "fast")), (PARALLEL_SPEC, ("a", "b"))])
+def test_each_model_of_a_pipeline_may_serve_a_variant_of_its_own(tmp_path, spec_path, roles):
+    from backends.common.files import sha256_file
+
+    spec = load_spec(spec_path)
+    size = spec.pipeline.second.height
+    own, second = tmp_path / "own.onnx", tmp_path / "second.onnx"
+    own.write_bytes(MODEL.read_bytes())
+    resize_input(MODEL, second, INPUT, "NHWC", size, size)
+    repo = render_pipeline(spec, tmp_path / "repo", variant=_variant(own, "own"),
+                           second_variant=_variant(second, "second"))
+    record = json.loads((repo / f"{spec.name}.pipeline.json").read_text())
+    first, other = roles
+    assert record["variants"][first]["name"] == "own" and record["variants"][other]["name"] == "second"
+    assert record["variants"][other]["files_sha256"]["second.onnx"] == sha256_file(second)
+    served = ort.InferenceSession(str(repo / f"{spec.name}_{other}_detector" / "1" / "model.onnx"))
+    assert served.get_inputs()[0].shape[1:3] == [size, size]
+
+    only_first = render_pipeline(spec, tmp_path / "repo2", variant=_variant(own, "own"))
+    assert set(json.loads((only_first / f"{spec.name}.pipeline.json").read_text())["variants"]) == {first}
+
+
+def test_a_variant_that_does_not_fit_its_model_or_the_target_is_refused(tmp_path):
+    from builder.errors import TargetError
+
+    spec = load_spec(CASCADE_SPEC)
+    with pytest.raises(BuilderError, match="320"):  # the spec's 512x512 model offered as the 320x320 fast stage
+        render_pipeline(spec, tmp_path / "repo", second_variant=_variant(MODEL, "wrong-size"))
+    with pytest.raises(TargetError, match="built for target"):
+        render_pipeline(spec, tmp_path / "repo", variant=_variant(MODEL, "ov", targets=("intel",)))
+    with pytest.raises(BuilderError, match="one detector"):
+        render_pipeline(load_spec(ROOT / "specs" / "centernet_coco.yaml"), tmp_path / "repo",
+                        second_variant=_variant(MODEL, "x"))
+    assert not (tmp_path / "repo").exists() or not any((tmp_path / "repo").iterdir())
 
 
 def _detections(session: ort.InferenceSession, size: int, image: Path) -> np.ndarray:
