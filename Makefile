@@ -38,7 +38,7 @@ demo: setup
 XDIST := -n 2 --dist loadgroup --no-loadscope-reorder
 
 test: setup $(EMULATOR)
-	$(BIN)/python -m pytest -ra $(XDIST)
+	$(BIN)/python -m pytest -ra --durations=40 $(XDIST)
 
 lint: setup
 	$(BIN)/ruff check .

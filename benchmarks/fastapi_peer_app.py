@@ -47,7 +47,8 @@ DEFAULT_SPEC = ROOT / "specs" / "centernet_coco.yaml"
 
 
 def make_ort_session(model_path: str, threads: int | None):
-    """threads=None: ONNX Runtime's default session options; else explicit intra-op threads (as the backend)."""
+    """threads=None: ONNX Runtime's default session options (threads = cores, spinning); else explicit intra-op
+    threads, not spinning (as the backend)."""
     import onnxruntime as ort
 
     if threads is None:

@@ -176,6 +176,8 @@ def make_peers(names: list[str], spec: Path, workers: int, tmp: Path) -> dict[st
         "peer-tuned": dict(workers=workers, ort_threads=1, access_log=False, stock_cli=False),
         "peer-tuned-stock": dict(workers=workers, ort_threads=1, access_log=False, stock_cli=True),
         "peer-default": dict(workers=None, ort_threads=None, access_log=True, stock_cli=True),
+        # one worker whose ONNX Runtime uses every core without spinning: one image on all cores
+        "peer-cores": dict(workers=None, ort_threads=CORES, access_log=False, stock_cli=False),
     }
     return {n: PeerServer(n, spec=spec, log_path=tmp / f"{n}.log", **configs[n]) for n in names if n != "triton"}
 

@@ -39,7 +39,7 @@ from builder.tune.space import Candidate  # noqa: E402
 from edgestack.server import TritonServer  # noqa: E402
 from ensembles import render_pipeline  # noqa: E402
 
-PEERS = ("peer-tuned", "peer-tuned-stock", "peer-default")
+PEERS = ("peer-tuned", "peer-tuned-stock", "peer-default", "peer-cores")
 SYSTEMS = ("triton-tuned", "triton-default", *PEERS)
 
 

@@ -43,7 +43,7 @@ def detector_settings(spec: PipelineSpec, target: TargetProfile, fixed_batch: in
     """The Python-backend detector's (targets with python_detector)."""
     settings = DetectorSettings(model_file=detector_model_filename(target), input_name=spec.input_name,
                                 output_names=spec.output.names, intra_op_threads=target.intra_op_threads,
-                                fixed_batch=fixed_batch)
+                                fixed_batch=fixed_batch, intra_op_spinning=target.intra_op_spinning)
     if target.detector_engine == "python_openvino":
         # The OpenVINO runner converts uint8 pixels itself (PrePostProcessor), with the spec's scaling.
         settings = dataclasses.replace(settings, runtime="openvino", device=target.device,

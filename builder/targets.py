@@ -25,6 +25,7 @@ class TargetProfile:
     postprocess_instances: int = 1
     router_instances: int = 1
     intra_op_threads: int = 1
+    intra_op_spinning: bool = False  # ONNX Runtime's busy-waiting intra-op threads (backends/detector/onnx_runner.py)
     max_batch_size: int = 8
     max_queue_delay_us: int = 0
     precision: str = "fp32"

@@ -23,7 +23,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
     settings = CompressSettings(
         out_dir=Path(args.out), train_dirs=tuple(Path(d) for d in args.train), eval_dir=Path(args.eval),
         video=Path(args.video) if args.video else None, video_frames=args.video_frames, ratios=args.ratios,
-        importance=args.importance, round_to=args.round_to or None, scope=args.scope, trainings=tuple(t.strip() for t in args.trainings.split(",") if t.strip()),
+        importance=args.importance, round_to=args.round_to or None, scope=args.scope,
+        compensation=args.compensation, anchor=args.anchor, trainings=tuple(t.strip() for t in args.trainings.split(",") if t.strip()),
         int8=not args.no_int8, steps=args.steps, train_seconds=args.train_seconds, batch_size=args.batch_size,
         learning_rate=args.lr, temperature=args.temperature, heat_weighting=args.heat_weighting, threads=args.threads,
         latency_runs=args.latency_runs,
@@ -60,12 +61,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--eval", required=True, metavar="DIR", help="held-out evaluation images")
     parser.add_argument("--out", default="build/compress", help="output folder (variants/, checkpoints/, the report)")
     parser.add_argument("--ratios", type=_floats, default=(0.3, 0.5, 0.7), help="pruning ratios (default 0.3,0.5,0.7)")
-    parser.add_argument("--importance", choices=("magnitude", "bn-scale", "activation"), default="magnitude",
+    parser.add_argument("--importance", choices=("magnitude", "bn-scale", "activation"), default="activation",
                         help="channel ranking: weight magnitude, batchnorm scale, or each channel's share of its "
                              "consumers' output variance on the training images (activation: keeps this detector "
                              "far better, docs/COMPRESSION_PARTS.md)")
-    parser.add_argument("--scope", choices=("group", "global"), default="group",
-                        help="prune the ratio of every group, or of all channels ranked together (global)")
+    parser.add_argument("--scope", choices=("group", "global"), default="global",
+                        help="prune the ratio of every group, or of all channels ranked together (global, default)")
+    parser.add_argument("--compensation", choices=("mean", "least-squares"), default="least-squares",
+                        help="what the layers reading a removed channel get back: its mean in their bias, or its linear "
+                             "regression on the kept channels in their weights (default; builder/compress/compensate.py)")
     parser.add_argument("--round-to", type=int, default=16,
                         help="keep pruned channel counts multiples of this (default %(default)s; 0: exact ratio). Unaligned "
                              "counts leave ONNX Runtime's blocked convolutions: a 30%% pruned student ran 1.6x slower than "
@@ -76,6 +80,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--train-seconds", type=float, help="also stop each training after this many seconds")
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (default %(default)s)")
+    parser.add_argument("--anchor", type=float, default=0.0,
+                        help="L2-SP: pull the student's weights back to the pruned start with this weight (relative "
+                             "squared drift); against forgetting the classes the training images lack (default 0)")
     parser.add_argument("--temperature", type=float, default=2.0, help="distillation temperature (default %(default)s)")
     parser.add_argument("--heat-weighting", choices=("foreground", "uniform"), default="foreground",
                         help="distillation: weigh the heatmap KL by the models' confidence per pixel (default) or not")

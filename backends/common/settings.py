@@ -248,6 +248,7 @@ class DetectorSettings(JsonSettings):
     output_names: tuple[str, ...]
     intra_op_threads: int
     fixed_batch: Optional[int] = None
+    intra_op_spinning: bool = False  # ONNX Runtime only (onnx_runner.make_session)
     runtime: str = "onnxruntime"
     device: str = "CPU"  # OpenVINO only
     uint8_input: bool = False  # OpenVINO only: the compiled model converts uint8 pixels per input_spec
@@ -263,6 +264,8 @@ class DetectorSettings(JsonSettings):
                  f"detector fixed_batch must be null or a positive integer, got {self.fixed_batch!r}")
         _require(self.runtime in RUNTIMES, f"detector runtime {self.runtime!r} is not one of {RUNTIMES}; re-render the repository")
         _require(isinstance(self.uint8_input, bool), f"detector uint8_input must be true or false, got {self.uint8_input!r}")
+        _require(isinstance(self.intra_op_spinning, bool),
+                 f"detector intra_op_spinning must be true or false, got {self.intra_op_spinning!r}")
         _require(self.input_spec is None or isinstance(self.input_spec, InputSpec), f"detector input_spec must be an InputSpec, got {self.input_spec!r}")
         for name in ("device", "inference_precision"):
             _require(isinstance(getattr(self, name), str), f"detector {name} must be a string, got {getattr(self, name)!r}")

@@ -10,10 +10,16 @@ from backends.detector.runners import concatenate_outputs, output_name_list, sin
 from backends.errors import InvalidTensorError
 
 
-def make_session(model_path: str, intra_op_threads: int, inter_op_threads: int = 1) -> ort.InferenceSession:
+def make_session(model_path: str, intra_op_threads: int, inter_op_threads: int = 1,
+                 spinning: bool = False) -> ort.InferenceSession:
+    """spinning: ONNX Runtime's intra-op threads busy-wait for work between operators (its default). Off here: the
+    detector shares the cores with preprocess, postprocess and its other instances, and spinning threads take
+    them from those (2 threads on a busy core: 10 img/s spinning, 16 not; BENCHMARKS.md)."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = intra_op_threads
     options.inter_op_num_threads = inter_op_threads
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    options.add_session_config_entry("session.inter_op.allow_spinning", "1" if spinning else "0")
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     return ort.InferenceSession(model_path, sess_options=options, providers=["CPUExecutionProvider"])

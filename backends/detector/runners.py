@@ -19,7 +19,7 @@ def make_detector(settings: DetectorSettings, model_path: str):
                                 inference_precision=settings.inference_precision)
     from backends.detector.onnx_runner import OnnxDetector, make_session
 
-    session = make_session(model_path, intra_op_threads=settings.intra_op_threads)
+    session = make_session(model_path, intra_op_threads=settings.intra_op_threads, spinning=settings.intra_op_spinning)
     return OnnxDetector(session, settings.input_name, settings.output_names, settings.fixed_batch)
 
 

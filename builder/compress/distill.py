@@ -80,6 +80,10 @@ class DistillSettings:
     heat_weighting: str = "foreground"  # distill: per-pixel weights of the heatmap KL (HEAT_WEIGHTINGS)
     clip_grad_norm: float | None = 1.0  # the gradient's global norm is clipped to this (None: not clipped)
     weight_decay: float = 0.0
+    # L2-SP: + anchor * sum ||w - w_start||^2 / sum ||w_start||^2, pulling the student back to the weights it started
+    # from: a few dozen training images cover few of the teacher's classes, and without it the student forgets the
+    # others (the teacher says "no horse" on every training image).
+    anchor: float = 0.0
     seed: int = 0
     threads: int = 1
     checkpoint_every: int = 25
@@ -387,6 +391,8 @@ def distill(student, teacher: Callable[[np.ndarray], tuple[np.ndarray, np.ndarra
     torch.set_num_threads(settings.threads)
     torch.manual_seed(settings.seed)
     optimizer = torch.optim.AdamW(student.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay)
+    start_weights = [p.detach().clone() for p in student.parameters()] if settings.anchor > 0 else []
+    start_norm = sum(float((w * w).sum()) for w in start_weights) or 1.0
     start_step, losses = 0, []
     if checkpoint is not None and Path(checkpoint).is_file():
         state = torch.load(str(checkpoint), map_location="cpu", weights_only=False)
@@ -417,6 +423,9 @@ def distill(student, teacher: Callable[[np.ndarray], tuple[np.ndarray, np.ndarra
                                    settings.heat_weighting)
         else:
             loss, _ = plain_loss(heat, size, teacher_heat, teacher_size, settings.score_threshold, settings.size_weight)
+        if start_weights:
+            drift = sum(((p - w) ** 2).sum() for p, w in zip(student.parameters(), start_weights))
+            loss = loss + settings.anchor * drift / start_norm
         if not torch.isfinite(loss):
             raise BuilderError(f"{settings.mode} step {step}: the loss is {float(loss)}; lower the learning rate")
         optimizer.zero_grad(set_to_none=True)

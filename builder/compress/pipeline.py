@@ -41,6 +41,8 @@ class CompressSettings:
     importance: str = "magnitude"
     round_to: int | None = 16  # channel counts kept multiples of this: ORT's blocked (NCHWc) convolutions need it
     scope: str = "group"  # "global": all channels ranked together (with importance "activation"; prune.py)
+    compensation: str = "mean"  # or "least-squares" (builder/compress/compensate.py)
+    anchor: float = 0.0  # distillation's L2-SP weight (distill.DistillSettings.anchor)
     trainings: tuple[str, ...] = TRAININGS
     int8: bool = True
     steps: int = 150
@@ -174,7 +176,8 @@ def compress(spec, settings: CompressSettings, log: Callable[[str], None] = prin
     teacher = distill.OnnxTeacher(spec.model_path, spec.input_name, threads=settings.threads)
     student_io = distill.StudentIO("NCHW", "NCHW", "logits")
     for ratio in settings.ratios:
-        prune_settings = PruneSettings(float(ratio), settings.importance, settings.round_to, scope=settings.scope)
+        prune_settings = PruneSettings(float(ratio), settings.importance, settings.round_to, scope=settings.scope,
+                                       compensation=settings.compensation)
         pruned = prune(copy, prune_settings, pruning_images)
         log(f"ratio {ratio}: {pruned.params_after:,} parameters ({pruned.params_before:,} before)")
         for training in settings.trainings:
@@ -185,7 +188,8 @@ def compress(spec, settings: CompressSettings, log: Callable[[str], None] = prin
                     mode=training, temperature=settings.temperature, heat_weighting=settings.heat_weighting,
                     steps=settings.steps,
                     max_seconds=settings.train_seconds, batch_size=settings.batch_size,
-                    learning_rate=settings.learning_rate, seed=settings.seed, threads=settings.threads)
+                    learning_rate=settings.learning_rate, anchor=settings.anchor, seed=settings.seed,
+                    threads=settings.threads)
                 (out / "checkpoints").mkdir(parents=True, exist_ok=True)
                 result = distill.distill(student.module, teacher, data, train_settings, io_spec=student_io,
                                          checkpoint=out / "checkpoints" / f"{name}.ckpt", label=name)
@@ -206,7 +210,7 @@ def compress(spec, settings: CompressSettings, log: Callable[[str], None] = prin
     context = {"machine": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                "device_class": host_class(), "threads": settings.threads, "evaluation_images": len(eval_images),
                "training_images": len(train_images), "importance": settings.importance, "round_to": settings.round_to,
-               "scope": settings.scope,
+               "scope": settings.scope, "compensation": settings.compensation, "anchor": settings.anchor,
                "steps": settings.steps,
                "batch_size": settings.batch_size, "learning_rate": settings.learning_rate,
                "temperature": settings.temperature, "heat_weighting": settings.heat_weighting,

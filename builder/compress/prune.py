@@ -26,12 +26,12 @@ Importance:
 Torch-Pruning's grouping is exact on this graph, Concats included (test_every_group_removes_exactly_its_channels):
 the collapse under magnitude importance was the choice of channels, not a wrongly coupled one.
 
-Bias compensation (on by default, given images): a removed channel still added something to the convolutions that
-read it. This detector's folded batchnorms left hundreds of channels whose weights are ~0 and whose bias is not
-(up to 13.7): constant channels, the first any importance removes, and removing them shifts every layer after
-(1% of the channels pruned without compensation: heatmap correlation 0.66). Before a group is pruned, each
-convolution losing input channels gets sum_k W[:, c, k] * mean(input c) added to its bias, the means measured on
-the given images (exact for a constant channel, away from the zero padding; the mean's contribution otherwise).
+Compensation (on by default, given images; builder/compress/compensate.py): a removed channel still added
+something to the convolutions that read it. This detector's folded batchnorms left hundreds of channels whose
+weights are ~0 and whose bias is not (up to 13.7): constant channels, the first any importance removes, and
+removing them shifts every layer after (1% of the channels pruned without compensation: heatmap correlation 0.66).
+"mean" folds each removed input channel's mean into the consumer's bias; "least-squares" also replaces it by its
+linear regression on the channels kept, folded into the consumer's weights.
 
 ratio: the fraction of each group's prunable channels removed (Torch-Pruning's pruning_ratio, uniform per group,
 not global: no single layer is emptied). PruneResult counts what was removed, parameters and MACs before/after.
@@ -44,6 +44,7 @@ from typing import Any
 import torch
 
 from builder.compress import CompressError
+from builder.compress.compensate import COMPENSATIONS, InputStats, compensate, input_stats
 from builder.compress.torch_copy import HEAD_ROLES, TrainableCopy
 
 IMPORTANCES = ("magnitude", "bn-scale", "activation")
@@ -64,8 +65,8 @@ class ChannelScale(torch.nn.BatchNorm2d):
 @dataclass(frozen=True)
 class PruneSettings:
     """ratio: fraction of each group's prunable channels to remove, in (0, 1); importance: one of IMPORTANCES;
-    round_to: keep channel counts multiples of this (None: exact ratio); compensate_bias: fold the removed input
-    channels' mean contribution into the consumers' biases (needs images, see the module docstring); scope: "group"
+    round_to: keep channel counts multiples of this (None: exact ratio); compensate_bias: give the consumers back
+    what the removed input channels added (needs images), by `compensation` (compensate.py); scope: "group"
     (the ratio of every group) or "global" (the ratio of all groups' channels together, the least important first,
     at most MAX_LAYER_RATIO of one group: meant for "activation", whose scores compare across groups)."""
 
@@ -74,6 +75,7 @@ class PruneSettings:
     round_to: int | None = None
     compensate_bias: bool = True
     scope: str = "group"
+    compensation: str = "mean"  # "mean" | "least-squares" (compensate.COMPENSATIONS, when compensate_bias)
 
     def __post_init__(self) -> None:
         if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or not 0.0 < self.ratio < 1.0:
@@ -82,6 +84,8 @@ class PruneSettings:
             raise CompressError(f"pruning importance {self.importance!r} is not one of {IMPORTANCES}")
         if not isinstance(self.compensate_bias, bool):
             raise CompressError(f"compensate_bias must be True or False, got {self.compensate_bias!r}")
+        if self.compensation not in COMPENSATIONS[1:]:
+            raise CompressError(f"compensation {self.compensation!r} is not one of {COMPENSATIONS[1:]}")
         if self.scope not in SCOPES:
             raise CompressError(f"pruning scope {self.scope!r} is not one of {SCOPES}")
         if self.round_to is not None and (not isinstance(self.round_to, int) or self.round_to < 1):
@@ -89,7 +93,7 @@ class PruneSettings:
 
     @property
     def name(self) -> str:
-        suffix = "-global" if self.scope == "global" else ""
+        suffix = ("-global" if self.scope == "global" else "") + ("-lsq" if self.compensation == "least-squares" else "")
         return f"pruned{round(self.ratio * 100)}-{self.importance}{suffix}"
 
 
@@ -110,6 +114,7 @@ class PruneResult:
         removed = 1 - self.prunable_channels_after / self.prunable_channels_before
         return {"name": self.settings.name, "ratio": self.settings.ratio, "importance": self.settings.importance,
                 "round_to": self.settings.round_to, "scope": self.settings.scope,
+                "compensation": self.settings.compensation if self.settings.compensate_bias else "none",
                 "params_before": self.params_before, "params_after": self.params_after,
                 "params_reduction": 1 - self.params_after / self.params_before,
                 "macs_before": self.macs_before, "macs_after": self.macs_after,
@@ -194,8 +199,8 @@ class ActivationImportance:
     unequal: a channel with large weights may be nearly constant (free to remove) and a small one carry the signal.
     """
 
-    def __init__(self, stats: dict[int, tuple[torch.Tensor, torch.Tensor]], is_in_fn) -> None:
-        self.stats = stats  # id(conv) -> (mean, variance) per input channel, on the unpruned model
+    def __init__(self, stats: dict[int, InputStats], is_in_fn) -> None:
+        self.stats = stats  # id(conv) -> its input channels' statistics, on the unpruned model
         self.is_in_fn = is_in_fn
 
     def __call__(self, group) -> torch.Tensor | None:
@@ -208,8 +213,7 @@ class ActivationImportance:
             if (not isinstance(layer, torch.nn.Conv2d) or layer.groups != 1 or not self.is_in_fn(dep.handler)
                     or id(layer) not in self.stats):
                 continue
-            variance = self.stats[id(layer)][1]
-            energy = layer.weight.detach().to(torch.float64).pow(2).sum(dim=(0, 2, 3)) * variance
+            energy = layer.weight.detach().to(torch.float64).pow(2).sum(dim=(0, 2, 3)) * self.stats[id(layer)].variance
             total = float(energy.sum()) or 1.0
             for index in idxs:
                 root = int(getattr(index, "root_idx", index))
@@ -259,62 +263,6 @@ def clone(copy: TrainableCopy) -> TrainableCopy:
     return TrainableCopy(copy_module.deepcopy(copy.module), copy.cut, dict(copy.rewrites))
 
 
-def _input_stats(module: torch.nn.Module, batch: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-    """Per input channel mean and variance (over images and positions) of every ungrouped convolution's input."""
-    convs = [m for m in module.modules() if isinstance(m, torch.nn.Conv2d) and m.groups == 1]
-    sums: dict[int, list[torch.Tensor]] = {}
-
-    def hook(conv, args):
-        x = args[0].detach().to(torch.float64)
-        first, second = x.mean(dim=(0, 2, 3)), x.pow(2).mean(dim=(0, 2, 3))
-        if id(conv) in sums:
-            sums[id(conv)][0] += first
-            sums[id(conv)][1] += second
-        else:
-            sums[id(conv)] = [first, second]
-
-    handles = [c.register_forward_pre_hook(hook) for c in convs]
-    try:
-        module.eval()
-        with torch.no_grad():
-            for image in batch:
-                module(image[None])
-    finally:
-        for handle in handles:
-            handle.remove()
-    stats = {}
-    for key, (first, second) in sums.items():
-        mean = first / len(batch)
-        stats[key] = (mean, (second / len(batch) - mean.pow(2)).clamp(min=0.0))
-    return stats
-
-
-def _input_means(module: torch.nn.Module, batch: torch.Tensor) -> dict[int, torch.Tensor]:
-    """Per input channel mean of every ungrouped convolution's input over the batch."""
-    return {key: mean for key, (mean, _) in _input_stats(module, batch).items()}
-
-
-def _compensate(group, means: dict[int, torch.Tensor], is_out_fn) -> None:
-    """Add the removed input channels' mean contribution to the biases of the convolutions losing them."""
-    for dep, idxs in group:
-        layer = dep.target.module
-        if not isinstance(layer, torch.nn.Conv2d) or layer.groups != 1 or is_out_fn(dep.handler):
-            continue
-        if id(layer) not in means:
-            continue
-        removed = sorted({int(getattr(i, "idx", i)) for i in idxs})
-        mean = means[id(layer)]
-        with torch.no_grad():
-            weight = layer.weight.detach().to(torch.float64)[:, removed].sum(dim=(2, 3))
-            shift = (weight * mean[removed]).sum(dim=1).to(layer.weight.dtype)
-            if layer.bias is None:
-                layer.bias = torch.nn.Parameter(torch.zeros(layer.out_channels, dtype=layer.weight.dtype))
-            layer.bias.add_(shift)
-        keep = torch.ones(len(mean), dtype=torch.bool)
-        keep[removed] = False
-        means[id(layer)] = mean[keep]
-
-
 def prune(copy: TrainableCopy, settings: PruneSettings, images_nhwc=None) -> PruneResult:
     """A pruned clone of the copy (bn-scale importance adds ChannelScales first, see with_bn_scales).
 
@@ -336,10 +284,11 @@ def prune(copy: TrainableCopy, settings: PruneSettings, images_nhwc=None) -> Pru
     macs_before, params_before = count_macs_params(pruned)
     channels_before = _prunable_channels(pruned.module, ignored)
     example = torch.zeros(pruned.input_shape(1))
-    stats = {}
+    stats: dict[int, InputStats] = {}
     if images_nhwc is not None and (settings.compensate_bias or settings.importance == "activation"):
-        stats = _input_stats(pruned.module, torch.from_numpy(nhwc_to_input(np.asarray(images_nhwc))))
-    means = {key: mean for key, (mean, _) in stats.items()} if settings.compensate_bias else {}
+        stats = input_stats(pruned.module, torch.from_numpy(nhwc_to_input(np.asarray(images_nhwc))),
+                            covariance=settings.compensate_bias and settings.compensation == "least-squares")
+    compensated = dict(stats) if settings.compensate_bias else {}  # kept in step with the pruned channels
     pruned.module.eval()
     try:
         importance = _importance(settings.importance, stats)
@@ -351,8 +300,8 @@ def prune(copy: TrainableCopy, settings: PruneSettings, images_nhwc=None) -> Pru
             importance.is_in_fn = pruner.DG.is_in_channel_pruning_fn
         with torch.no_grad():
             for group in pruner.step(interactive=True):
-                if means:
-                    _compensate(group, means, pruner.DG.is_out_channel_pruning_fn)
+                if compensated:
+                    compensate(group, compensated, pruner.DG.is_out_channel_pruning_fn, settings.compensation)
                 group.prune()
     except (RuntimeError, ValueError, KeyError, IndexError) as exc:
         raise CompressError(f"Torch-Pruning could not prune ({settings.name}): {type(exc).__name__}: {exc}") from exc

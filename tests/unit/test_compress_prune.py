@@ -13,6 +13,7 @@ import torch
 from builder.compress import CompressError, set_torch_threads
 from builder.compress import prune as pr
 from builder.compress import torch_copy as tc
+from builder.compress import compensate as cp
 from builder.compress.fold import fold_batchnorms, fold_pair
 from builder.optimize.evaluate import prepare_image
 from builder.spec import load_spec
@@ -125,8 +126,8 @@ def test_bias_compensation_of_a_constant_channel(copy, unlabelled, photo, compen
     graph = tp.DependencyGraph().build_dependency(model.module, torch.zeros(model.input_shape(1)))
     group = graph.get_pruning_group(conv, tp.prune_conv_out_channels, idxs=[channel])
     if compensate:
-        means = pr._input_means(model.module, torch.from_numpy(tc.nhwc_to_input(unlabelled)))
-        pr._compensate(group, means, graph.is_out_channel_pruning_fn)
+        stats = cp.input_stats(model.module, torch.from_numpy(tc.nhwc_to_input(unlabelled)))
+        cp.compensate(group, stats, graph.is_out_channel_pruning_fn, "mean")
     group.prune()
     assert conv.out_channels == 135
     diff = float(np.max(np.abs(heads_of(model, photo)[0] - expected[0])))
@@ -255,3 +256,28 @@ def test_every_group_removes_exactly_its_channels(copy, photo):
             groups += 1
     print(f"\n{groups} groups ({concat_groups} through a Concat) pruned exactly as masked")
     assert groups > 10 and concat_groups >= 2
+
+
+@pytest.mark.parametrize("method, exact", [("least-squares", True), ("mean", False)])
+def test_least_squares_gives_back_a_channel_the_kept_ones_predict(method, exact):
+    """A channel that is a linear combination of two others (plus a constant) is removed: least squares folds it
+    back into the next convolution's weights and the output is unchanged; the mean alone cannot."""
+    import torch_pruning as tp
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.Conv2d(4, 2, 3)).eval()  # no padding: the zeros there are not the regression's
+    with torch.no_grad():
+        first = model[0]
+        first.weight[3] = first.weight[0] + 2 * first.weight[1]
+        first.bias[3] = first.bias[0] + 2 * first.bias[1] + 0.5
+    images = torch.randn(4, 3, 16, 16)
+    expected = model(images)
+    stats = cp.input_stats(model, images, covariance=method == "least-squares")
+    graph = tp.DependencyGraph().build_dependency(model, torch.zeros(1, 3, 16, 16))
+    group = graph.get_pruning_group(model[0], tp.prune_conv_out_channels, idxs=[3])
+    cp.compensate(group, stats, graph.is_out_channel_pruning_fn, method)
+    group.prune()
+    assert model[1].in_channels == 3 and tuple(stats[id(model[1])].mean.shape) == (3,)
+    error = float((model(images) - expected).abs().max() / expected.abs().max())
+    print(f"\n{method}: relative max error {error:.2e}")
+    assert (error < 1e-3) if exact else (error > 1e-2)

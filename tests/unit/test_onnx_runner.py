@@ -189,3 +189,23 @@ def test_detector_with_run_requests(detector):
     results = run_requests(detector.run_outputs, [good, wrong, good])
     assert [r.shape for r in results[0]] == [(1, 100, 6)] and [r.shape for r in results[2]] == [(1, 100, 6)]
     assert isinstance(results[1], InvalidTensorError)
+
+
+def test_sessions_do_not_spin_unless_asked(tmp_path):
+    """Intra-op threads that busy-wait take the cores the detector shares with preprocess and postprocess."""
+    from backends.common.settings import DetectorSettings
+    from backends.detector.onnx_runner import make_session
+    from backends.detector.runners import make_detector
+    from tests.conftest import MODEL
+
+    def spinning(session) -> str:
+        return session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning")
+
+    assert spinning(make_session(str(MODEL), 2)) == "0"
+    assert spinning(make_session(str(MODEL), 2, spinning=True)) == "1"
+    settings = DetectorSettings(model_file="model.onnx", input_name="tower_0/images:0",
+                                output_names=("tower_0/detections",), intra_op_threads=2, intra_op_spinning=True)
+    assert spinning(make_detector(settings, str(MODEL)).session) == "1"
+    assert DetectorSettings.from_json(settings.to_json()).intra_op_spinning is True
+    with pytest.raises(Exception, match="intra_op_spinning"):
+        DetectorSettings(model_file="m", input_name="i", output_names=("o",), intra_op_threads=1, intra_op_spinning="yes")

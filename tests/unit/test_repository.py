@@ -224,6 +224,7 @@ def test_cpu_detector_config(spec, cpu_repo):
         "input_name": spec.input_name,
         "output_names": [spec.output.name],
         "intra_op_threads": 1,
+        "intra_op_spinning": False,
         "fixed_batch": 1,
         "runtime": "onnxruntime",
         "device": "CPU",
