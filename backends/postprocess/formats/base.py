@@ -88,6 +88,18 @@ class OutputFormat:
         return DecodeOptions(**values, input_height=input_height, input_width=input_width)
 
 
+def rows_of_classes_plus(name: str, extra: int) -> Callable[[Sequence[Shape], int], Optional[str]]:
+    """check_shapes of a format with one output [B, N, extra + C]: per candidate `extra` values, then C scores."""
+    def check_shapes(shapes: Sequence[Shape], num_classes: int) -> Optional[str]:
+        (shape,) = shapes
+        if len(shape) != 3 or shape[-1] not in (-1, extra + num_classes):
+            return (f"format {name!r} needs an output [B, N, {extra} + C] = [B, N, {extra + num_classes}] for the "
+                    f"spec's {num_classes} classes; the model's is {list(shape)}")
+        return None
+
+    return check_shapes
+
+
 def one_tensor(decoder: Callable[..., Decoded], takes_options: bool = False) -> Callable[..., Decoded]:
     """OutputFormat.decode for a one-output format from decoder(raw, num_classes, *, score_threshold[, options])."""
     def decode(tensors: Sequence[np.ndarray], num_classes: int, *, score_threshold: Optional[float] = None,

@@ -3,21 +3,16 @@ sigmoided and in model-input pixels as Ultralytics exports it. score = objectnes
 Options: box_encoding, normalized, class_offset."""
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional
 
 import numpy as np
 
 from backends.errors import InvalidTensorError
-from backends.postprocess.formats.base import (Decoded, DecodeOptions, OutputFormat, Shape, finish, one_tensor, rows,
+from backends.postprocess.formats.base import (Decoded, DecodeOptions, OutputFormat, finish, one_tensor, rows_of_classes_plus, rows,
                                                to_xyxy_pixels)
 
 
-def check_shapes(shapes: Sequence[Shape], num_classes: int) -> Optional[str]:
-    (shape,) = shapes
-    if len(shape) != 3 or shape[-1] not in (-1, 5 + num_classes):
-        return (f"format 'yolov5' needs an output [B, N, 5 + C] = [B, N, {5 + num_classes}] for the spec's "
-                f"{num_classes} classes; the model's is {list(shape)}")
-    return None
+check_shapes = rows_of_classes_plus("yolov5", 5)
 
 
 def decode_yolov5(raw: np.ndarray, num_classes: int, *, score_threshold: Optional[float] = None,

@@ -5,22 +5,17 @@ Box: centre = (offset + cell) x stride, size = exp(log size) x stride. Option: s
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Optional, Sequence
+from typing import Optional
 
 import numpy as np
 
 from backends.errors import InvalidTensorError
-from backends.postprocess.formats.base import Decoded, DecodeOptions, OutputFormat, Shape, finish, one_tensor, rows
+from backends.postprocess.formats.base import Decoded, DecodeOptions, OutputFormat, finish, one_tensor, rows_of_classes_plus, rows
 
 DEFAULT_STRIDES = (8, 16, 32)
 
 
-def check_shapes(shapes: Sequence[Shape], num_classes: int) -> Optional[str]:
-    (shape,) = shapes
-    if len(shape) != 3 or shape[-1] not in (-1, 5 + num_classes):
-        return (f"format 'yolox' needs an output [B, N, 5 + C] = [B, N, {5 + num_classes}] for the spec's "
-                f"{num_classes} classes; the model's is {list(shape)}")
-    return None
+check_shapes = rows_of_classes_plus("yolox", 5)
 
 
 @lru_cache(maxsize=8)
