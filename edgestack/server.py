@@ -5,7 +5,9 @@ per environment: the wheel's backend library plus the stub for this interpreter.
 """
 from __future__ import annotations
 
+import glob
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -77,7 +79,26 @@ def stop_process_group(process: subprocess.Popen, timeout_s: float) -> None:
     try:
         os.killpg(process.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
-        pass
+        return
+    deadline = time.monotonic() + 5.0  # the killed members (a crashed leader's stubs) take a moment to go
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(process.pid, 0)
+        except (ProcessLookupError, PermissionError):
+            return
+        time.sleep(0.02)
+
+
+def remove_shm_regions(prefix: str, shm_dir: Path = Path("/dev/shm")) -> int:
+    """Remove the shared-memory files named prefix* (a stopped server's); returns how many were removed."""
+    removed = 0
+    for path in shm_dir.glob(f"{glob.escape(prefix)}*") if prefix and shm_dir.is_dir() else ():
+        try:
+            path.unlink()
+            removed += 1
+        except FileNotFoundError:
+            pass
+    return removed
 
 
 def free_port() -> int:
@@ -100,6 +121,9 @@ class TritonServer:
     address: str = "127.0.0.1"
     process: subprocess.Popen | None = field(default=None, init=False)
     _log: IO | None = field(default=None, init=False)
+    # The Python backend's shared-memory regions (32 MiB per model instance) are named with this prefix, so those of
+    # a server that was killed (crash recovery, a hung stop) are removed after it instead of filling /dev/shm.
+    shm_prefix: str = field(default_factory=lambda: f"edgestack_{secrets.token_hex(6)}_", init=False)
 
     def __post_init__(self) -> None:
         self.repository = Path(self.repository).resolve()
@@ -138,6 +162,7 @@ class TritonServer:
             # by mmap on every large tensor (a 512x512x3 float32 image is 3 MiB).
             f"--backend-config=python,shm-default-byte-size={PYTHON_SHM_DEFAULT_BYTES}",
             f"--backend-config=python,shm-growth-byte-size={PYTHON_SHM_GROWTH_BYTES}",
+            f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
         ]
         if self.explicit_models is not None:
             cmd.append("--model-control-mode=explicit")
@@ -180,10 +205,12 @@ class TritonServer:
         raise ServerError(f"tritonserver was not ready within {timeout_s:.0f}s; log: {self.log_path}")
 
     def stop(self, timeout_s: float = 20.0) -> None:
-        """SIGTERM the server's process group (server and stubs), SIGKILL it if it lingers."""
+        """SIGTERM the server's process group (server and stubs), SIGKILL it if it lingers; then remove the shared
+        memory regions a killed server leaves behind."""
         process, self.process = self.process, None
         if process is not None:
             stop_process_group(process, timeout_s)
+            remove_shm_regions(self.shm_prefix)
         if self._log not in (None, subprocess.DEVNULL):
             self._log.close()
         self._log = None
