@@ -283,8 +283,13 @@ def section(r: dict) -> str:
               "one. The parallel ensemble runs both detectors concurrently, so it costs about the slower branch "
               "plus the fusion, not the sum. The flood tables compare good requests with an idle server in the same "
               "run (the target: good p99 within 2x of idle). Large images (over `limits.large_pixels` decoded) are "
-              "decoded one at a time per model and refused as busy when batched with other requests (the heavy "
-              "'failed' column); JPEGs are decoded at reduced size.", ""]
+              "decoded one at a time per model, in a thread of the lowest CPU priority (SCHED_IDLE), and refused as "
+              "busy while another decodes or when batched with other requests (the heavy 'failed' column); JPEGs "
+              "are decoded at reduced size. A PNG has no reduced decode: with the builder's preprocess instances "
+              "(one more than the detector's) a good request always finds a free instance and the decode only "
+              "takes the CPU left over; with one instance a good request waits behind the decode (the baseline "
+              "tables). Before this, a refused PNG was still decoded in full (Pillow's PNG getexif() reads the "
+              "whole file) and the same flood gave good p99 25.7x idle.", ""]
     for flood in r["floods"]:
         idle = flood["phases"]["idle"]["p99"]
         verdicts = [f"{name} {p['p99'] / idle:.2f}x ({'within' if p['p99'] <= 2 * idle else 'NOT within'} 2x)"
