@@ -36,9 +36,20 @@ def _space(args: argparse.Namespace, target: str):
     for name, flag in FLAGS.items():
         if getattr(args, name):
             given[name] = parse_levels(getattr(args, name), flag, allow_auto=name == "preprocess_instances")
+    if getattr(args, "spinning", None):
+        given["intra_op_spinning"] = tuple(_on_off(v) for v in args.spinning.split(",") if v.strip())
     if given:  # explicit levels: no thread cap beyond what was asked
         space = SearchSpace(**{**{k: v for k, v in vars(space).items() if k != "max_threads"}, **given})
     return space
+
+
+def _on_off(text: str) -> bool:
+    from builder.errors import TargetError
+
+    value = text.strip().lower()
+    if value not in ("on", "off"):
+        raise TargetError(f"tune: --spinning: {text!r} is not on or off")
+    return value == "on"
 
 
 @contextlib.contextmanager
@@ -158,6 +169,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
             "postprocess_instances": "postprocess instances"}
     for dest, flag in FLAGS.items():
         parser.add_argument(flag, dest=dest, metavar="N,N", help=f"comma list of {what[dest]}")
+    parser.add_argument("--spinning", metavar="off,on", help="ONNX Runtime spinning threads to try (default: off,on on "
+                                                             "the cpu target for candidates of 2+ threads)")
     parser.add_argument("--out", default="model_repository", help="where the best repository is written")
     parser.add_argument("--report", default="build/tune", help="folder for tune_report.md/json")
     parser.set_defaults(func=cmd_tune)

@@ -26,11 +26,14 @@ class Candidate:
     max_queue_delay_us: int = 0
     preprocess_instances: int | None = None  # None: the builder's rule (detector instances + 1)
     postprocess_instances: int = 1
+    intra_op_spinning: bool = False  # ONNX Runtime's busy-waiting threads (only matters with 2 threads or more)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.intra_op_spinning, bool):
+            raise TargetError(f"tune candidate: intra_op_spinning must be true or false, got {self.intra_op_spinning!r}")
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if value is None:
+            if value is None or f.name == "intra_op_spinning":
                 continue
             low = 0 if f.name == "max_queue_delay_us" else 1
             if not isinstance(value, int) or value < low:
@@ -43,13 +46,14 @@ class Candidate:
     @property
     def label(self) -> str:
         pre = "auto" if self.preprocess_instances is None else self.preprocess_instances
-        return (f"det {self.detector_instances}x{self.intra_op_threads}t, batch {self.max_batch_size} "
+        spin = " spin" if self.intra_op_spinning else ""
+        return (f"det {self.detector_instances}x{self.intra_op_threads}t{spin}, batch {self.max_batch_size} "
                 f"delay {self.max_queue_delay_us}us, pre {pre}, post {self.postprocess_instances}")
 
     def build_flags(self) -> str:
         """The `edgestack build` options for the knobs it has."""
         return (f"--detector-instances {self.detector_instances} --intra-op-threads {self.intra_op_threads} "
-                f"--max-batch-size {self.max_batch_size}")
+                f"--max-batch-size {self.max_batch_size}" + (" --intra-op-spinning" if self.intra_op_spinning else ""))
 
 
 @dataclass(frozen=True)
@@ -60,18 +64,21 @@ class SearchSpace:
     max_queue_delay_us: tuple[int, ...] = (0,)
     preprocess_instances: tuple[int | None, ...] = (None,)
     postprocess_instances: tuple[int, ...] = (1,)
+    intra_op_spinning: tuple[bool, ...] = (False,)
     max_threads: int | None = None  # skip candidates whose instances x threads exceed this
 
     def candidates(self) -> list[Candidate]:
         out = []
-        for det, threads, batch, delay, pre, post in itertools.product(
+        for det, threads, batch, delay, pre, post, spin in itertools.product(
                 self.detector_instances, self.intra_op_threads, self.max_batch_size, self.max_queue_delay_us,
-                self.preprocess_instances, self.postprocess_instances):
+                self.preprocess_instances, self.postprocess_instances, self.intra_op_spinning):
             if self.max_threads is not None and det * threads > self.max_threads:
                 continue
             if batch == 1 and delay > 0:  # nothing to batch: the delay only adds latency
                 continue
-            out.append(Candidate(det, threads, batch, delay, pre, post))
+            if spin and threads == 1:  # one thread has no pool to spin
+                continue
+            out.append(Candidate(det, threads, batch, delay, pre, post, spin))
         if not out:
             raise TargetError(f"tune: the search space is empty (max_threads {self.max_threads}): {self}")
         return out
@@ -79,7 +86,9 @@ class SearchSpace:
 
 def default_space(target: str, cores: int, quick: bool = False) -> SearchSpace:
     """A small grid for a CPU target on `cores` cores: one image using every core, one instance per core,
-    and the mixes between, with and without a short batching delay; `quick` keeps the corners only."""
+    and the mixes between, with and without a short batching delay, multi-threaded instances with and without
+    spinning threads (cpu target: spinning wins with the cores to itself, loses once they are shared); `quick`
+    keeps the corners only."""
     if target not in CPU_TARGETS:
         raise TargetError(f"tune: target {target!r} is not tuned on this device; CPU targets: {CPU_TARGETS} "
                           "(a GPU target's knobs are TensorRT's: see docs/GPU_CHECK.md)")
@@ -87,8 +96,9 @@ def default_space(target: str, cores: int, quick: bool = False) -> SearchSpace:
     levels = tuple(sorted({1, cores}))
     if quick:
         return SearchSpace(levels, levels, max_threads=cores)
+    spinning = (False, True) if target == "cpu" else (False,)
     return SearchSpace(detector_instances=levels, intra_op_threads=levels, max_queue_delay_us=(0, 2000),
-                       max_threads=2 * cores)
+                       intra_op_spinning=spinning, max_threads=2 * cores)
 
 
 def parse_levels(text: str, name: str, allow_auto: bool = False) -> tuple:

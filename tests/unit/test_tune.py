@@ -162,3 +162,15 @@ def test_rounds_alternate_the_order_and_keep_the_median_pass():
     assert M.merge_rounds(passes).at(1).images_per_s == 7.0
     assert M.merge_rounds(passes[:2]).at(1).images_per_s == 9.0  # of two, the better
     assert not M.merge_rounds([passes[0], trial(Candidate(1, 1), [], error="x")]).ok
+
+
+def test_spinning_threads_are_tried_only_where_there_is_a_pool_to_spin():
+    cpu = default_space("cpu", 2).candidates()
+    spinning = [c for c in cpu if c.intra_op_spinning]
+    assert spinning and all(c.intra_op_threads > 1 for c in spinning)
+    assert {(c.detector_instances, c.intra_op_threads) for c in spinning} == {
+        (c.detector_instances, c.intra_op_threads) for c in cpu if c.intra_op_threads > 1}
+    assert not any(c.intra_op_spinning for c in default_space("intel", 2).candidates())  # OpenVINO: no such knob
+    one = spinning[0]
+    assert " spin," in one.label and one.build_flags().endswith("--intra-op-spinning")
+    assert target_for(load_spec(SPEC), **one.overrides()).intra_op_spinning is True
