@@ -136,7 +136,8 @@ def main() -> int:
         + "; ".join(f"{n}: `{p.describe()}`" for n, p in peers.items()) + ".",
         f"- Outputs agree on {agree}/{len(images)} images. Closed loop, load generator in the same process, on the "
         f"same cores. 1-min load average before the measurement {load_before:.2f}, after {load_after:.2f}"
-        + (" (the machine was NOT quiet: other sessions' work shares these cores)" if load_before > CORES / 2 else "")
+        + (" (not idle when it started: a load average over half the cores; on a machine shared with other work the "
+           "ratios of the same run are what to compare)" if load_before > CORES / 2 else "")
         + ".",
         "",
         "| concurrency | " + " | ".join(f"{n} img/s | {n} p99 ms" for n in SYSTEMS) + " |",
