@@ -14,12 +14,13 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 def test_tiny_search_writes_the_chosen_repository_and_it_serves(tmp_path, capsys):
     out, report = tmp_path / "tuned", tmp_path / "report"
     rc = cli.main(["tune", str(SPEC), "--images", str(IMAGES), "--detector-instances", "1",
-                   "--intra-op-threads", "1,2", "--queue-delay-us", "0", "--concurrency", "1,2", "--seconds", "1", "--warmup", "0.2",
+                   "--intra-op-threads", "1,2", "--spinning", "off", "--queue-delay-us", "0", "--concurrency", "1,2", "--seconds", "1", "--warmup", "0.2",
                    "--objective", "latency", "--out", str(out), "--report", str(report)])
     printed = capsys.readouterr().out
     assert rc == 0, printed
     data = json.loads((report / "tune_report.json").read_text())
-    assert [t["candidate"]["intra_op_threads"] for t in data["trials"]] == [1, 2]
+    assert [(t["candidate"]["intra_op_threads"], t["candidate"]["intra_op_spinning"]) for t in data["trials"]] == [
+        (1, False), (2, False)]
     for t in data["trials"]:
         assert t["error"] == "" and [lv["concurrency"] for lv in t["levels"]] == [1, 2]
         assert all(lv["requests"] > 0 and lv["errors"] == 0 for lv in t["levels"])
