@@ -34,8 +34,9 @@ demo: setup
 	$(BIN)/edgestack demo --images $(FIXTURES)/images --out out/demo \
 		--pipelines specs/centernet_cascade.yaml specs/centernet_parallel.yaml
 
-# Two pytest-xdist workers; tests sharing a server or a module's fixtures stay on one (xdist_group: tests/conftest.py)
-XDIST := -n 2 --dist loadgroup --no-loadscope-reorder
+# Three pytest-xdist workers on 2 cores (the real-server tests spend much of their time waiting: 3 workers took 505 s,
+# 2 took 598 s, 4 took 507 s); tests sharing a server or a module's fixtures stay on one (xdist_group: tests/conftest.py)
+XDIST := -n 3 --dist loadgroup --no-loadscope-reorder
 
 test: setup $(EMULATOR)
 	$(BIN)/python -m pytest -ra --durations=40 $(XDIST)

@@ -38,7 +38,7 @@ def shared_variants(tmp_path_factory):
 SLOW_FIXTURES = {"shared_variants"}
 
 
-# `make test` runs two pytest-xdist workers with --dist loadgroup: tests of one xdist_group run on one worker, so a
+# `make test` runs three pytest-xdist workers with --dist loadgroup: tests of one xdist_group run on one worker, so a
 # server shared through a fixture starts once. Tests using a shared server fixture are grouped by that server; the
 # modules that use shared variants form one group, so the builds run one after another on one worker instead of
 # one worker waiting for the other's build (tests/variants.py); other tests using a module-scoped fixture are
