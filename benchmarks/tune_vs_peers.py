@@ -33,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.peer_fastapi import (CORES, Level, closed_loop, grpc_sender, http_sender,  # noqa: E402
                                      make_peers, outputs_agree)
+from benchmarks.sections import replace_section  # noqa: E402
 from builder.repository import target_for  # noqa: E402
 from builder.spec import load_spec  # noqa: E402
 from builder.tune.space import Candidate  # noqa: E402
@@ -127,7 +128,7 @@ def main() -> int:
 
     tuned_target = targets["triton-tuned"]
     lines = [
-        f"## Tuned Triton vs every peer configuration ({datetime.date.today()}, {platform.machine()}, {CORES} cores, "
+        f"### Tuned Triton vs every peer configuration ({datetime.date.today()}, {platform.machine()}, {CORES} cores, "
         f"{len(images)} images, {args.seconds:g} s per level, `python benchmarks/tune_vs_peers.py`)",
         "",
         f"- triton-tuned: `edgestack tune`'s choice, {candidate.label} "
@@ -161,9 +162,8 @@ def main() -> int:
     text = "\n".join(lines)
     print()
     print(text)
-    if args.out:
-        with open(args.out, "a") as fh:
-            fh.write(text + "\n")
+    if args.out:  # its own section, replaced in place (inside the tune section of BENCHMARKS.md, with the tune table)
+        replace_section(Path(args.out), "<!-- tune-vs-peers-run:begin -->", "<!-- tune-vs-peers-run:end -->", text)
     return 0
 
 
