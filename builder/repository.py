@@ -150,23 +150,19 @@ def _check_openvino_ir(spec: PipelineSpec, xml: Path) -> None:
                            f"{', '.join(map(str, spec.input_shape))}]")
 
 
-def _variant_record(variant: "Variant") -> dict:
-    """The device classes and build manifest `edgestack optimize` saved with the variant (variant.json), if any:
-    `bundle create` signs them for the detector it bundles from this repository."""
+def variant_record(variant: "Variant") -> dict:
+    """What <name>.pipeline.json says of a served variant: how it was built, its files' hashes, and the device
+    classes and build manifest `edgestack optimize` saved with it (variant.json), if any, which `bundle create`
+    signs for the detector it bundles from this repository."""
     from builder.optimize.variants import VARIANT_FILE
 
     path = variant.path.parent / VARIANT_FILE
-    record = json.loads(path.read_text()) if path.is_file() else {}
-    return {key: record[key] for key in ("device_classes", "manifest") if record.get(key)}
-
-
-def variant_record(variant: "Variant") -> dict:
-    """What <name>.pipeline.json says of a served variant: how it was built, its files' hashes, its classes."""
+    saved = json.loads(path.read_text()) if path.is_file() else {}
     return {
         "name": variant.name, "runtime": variant.runtime, "precision": variant.precision,
         "options": variant.options, "targets": list(variant.targets),
         "files_sha256": {f.name: sha256_file(f) for f in variant.files()},
-        **_variant_record(variant),
+        **{key: saved[key] for key in ("device_classes", "manifest") if saved.get(key)},
     }
 
 

@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING, Any
 from backends.common import tensors as T
 from builder import steps
 from builder.model_inspect import inspect_onnx
-from builder.repository import _check_variant, _write_detector_model, _write_model, check_interface, variant_record
+from builder.repository import (_check_variant, _write_detector_model, _write_model, check_interface,
+                                target_for_variant, variant_record)
 from builder.spec import PipelineSpec
 from builder.targets import TargetProfile
 from builder.triton_config import EnsembleStep, ModelConfig, TensorConfig
@@ -86,8 +87,6 @@ def member_variants(members: "list[Member] | tuple[Member, ...]") -> dict[str, A
 
 def pipeline_target(target: TargetProfile, *variants: "Variant | None") -> TargetProfile:
     """The target that serves every given variant (builder.repository.target_for_variant), or TargetError."""
-    from builder.repository import target_for_variant
-
     for variant in variants:
         if variant is not None:
             target = target_for_variant(target, variant)

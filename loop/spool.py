@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from backends.common.files import fsync_dir
 from loop.errors import SpoolError
 
 MAGIC = b"ESMP1\n"
@@ -129,7 +130,7 @@ class Spool:
                     f.flush()
                     os.fsync(f.fileno())
                 os.replace(tmp, self.folder / name)
-                _fsync_dir(self.folder)
+                fsync_dir(self.folder)
             except OSError as exc:
                 tmp.unlink(missing_ok=True)
                 raise SpoolError(f"cannot write sample to {self.folder}: {exc}") from None
@@ -167,10 +168,3 @@ class Spool:
         with self._lock:
             self._bytes = max(0, self._bytes - size)
 
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

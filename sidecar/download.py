@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Protocol
 
 from backends.common.files import sha256_file
-from sidecar.durable import fsync_dir
+from backends.common.files import fsync_dir
 from sidecar.errors import DownloadError
 
 log = logging.getLogger(__name__)

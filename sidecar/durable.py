@@ -7,14 +7,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-
-def fsync_dir(folder: Path) -> None:
-    """Persist a folder's entries (a rename or a new file in it)."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+from backends.common.files import fsync_dir
 
 
 def copy_synced(src: Path, dst: Path) -> None:
@@ -40,8 +33,4 @@ def atomic_write(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    fsync_dir(path.parent)

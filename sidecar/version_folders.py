@@ -13,7 +13,8 @@ import shutil
 from pathlib import Path
 from typing import Iterable, Mapping
 
-from sidecar.durable import copy_synced, fsync_dir
+from backends.common.files import fsync_dir
+from sidecar.durable import copy_synced
 from sidecar.errors import DiskSpaceError
 from sidecar.durable import atomic_write
 

@@ -1,4 +1,5 @@
-"""Files every part of the project reads: image files by suffix, and the sha256 of a file.
+"""Files every part of the project reads: image files by suffix, the sha256 of a file, a folder's entries made
+durable.
 
 Here because backends/ may import nothing outside itself, while the builder, the sidecar, the CLI and the
 load tests may all import backends/.
@@ -6,6 +7,7 @@ load tests may all import backends/.
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 # the encoded image files the preprocess step decodes (Pillow), by suffix (compared in lower case)
@@ -37,3 +39,12 @@ def sha256_file(path: Path) -> str:
         while block := f.read(CHUNK_BYTES):
             digest.update(block)
     return digest.hexdigest()
+
+
+def fsync_dir(folder: Path) -> None:
+    """Persist a folder's entries (a rename or a new file in it)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -17,6 +17,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from backends.common.geometry import Transform, compute_transform
 from backends.common.settings import DecodeLimits, InputSpec
 from backends.errors import InvalidImageError, InvalidTensorError
+from backends.preprocess.large_images import run_here
 
 FORMATS = ("JPEG", "PNG", "BMP", "GIF", "TIFF", "WEBP")  # no EPS/PDF/...: smaller attack surface
 _WIDE_GRAY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
@@ -109,13 +110,9 @@ def decode_reduced(data: bytes, limits: DecodeLimits = DecodeLimits(), min_side:
         swapped = drafted and _exif_orientation(img) in (5, 6, 7, 8)
         if budget is not None:
             budget.spend(img.width, img.height)
-        gate = large_gate(img.width * img.height) if large_gate is not None else nullcontext(_call)
+        gate = large_gate(img.width * img.height) if large_gate is not None else nullcontext(run_here)
         with gate as run:
             return run(lambda: _load(img, limits, drafted, (width, height) if swapped else (height, width)))
-
-
-def _call(fn):
-    return fn()
 
 
 def _exif_orientation(img: Image.Image) -> int | None:

@@ -24,7 +24,8 @@ R = TypeVar("R")
 Run = Callable[[Callable[[], R]], R]
 
 
-def _call(fn: Callable[[], R]) -> R:
+def run_here(fn: Callable[[], R]) -> R:
+    """The Run of an ordinary image: fn in the calling thread."""
     return fn()
 
 
@@ -77,7 +78,7 @@ class LargeImageGate:
     @contextmanager
     def __call__(self, pixels: int) -> Iterator[Run]:
         if pixels <= self.large_pixels:
-            yield _call
+            yield run_here
             return
         fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
@@ -103,4 +104,4 @@ class RefuseLarge:
         if pixels > self.large_pixels:
             raise BusyError(f"busy: a large image (over {self.large_pixels} pixels) is decoded only when no other "
                             "request waits for its preprocess instance; retry later")
-        yield _call
+        yield run_here

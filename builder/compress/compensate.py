@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-COMPENSATIONS = ("none", "mean", "least-squares")
+COMPENSATIONS = ("mean", "least-squares")  # compensate_bias=False: none
 RIDGE = 1e-4  # of the kept channels' mean variance, added to the covariance's diagonal
 
 

@@ -84,8 +84,8 @@ class PruneSettings:
             raise CompressError(f"pruning importance {self.importance!r} is not one of {IMPORTANCES}")
         if not isinstance(self.compensate_bias, bool):
             raise CompressError(f"compensate_bias must be True or False, got {self.compensate_bias!r}")
-        if self.compensation not in COMPENSATIONS[1:]:
-            raise CompressError(f"compensation {self.compensation!r} is not one of {COMPENSATIONS[1:]}")
+        if self.compensation not in COMPENSATIONS:
+            raise CompressError(f"compensation {self.compensation!r} is not one of {COMPENSATIONS}")
         if self.scope not in SCOPES:
             raise CompressError(f"pruning scope {self.scope!r} is not one of {SCOPES}")
         if self.round_to is not None and (not isinstance(self.round_to, int) or self.round_to < 1):
