@@ -8,7 +8,7 @@ from typing import Iterator
 
 import pytest
 
-from builder.repository import render_repository, target_for
+from builder.repository import PIPELINE_FILE_SUFFIX, render_repository, target_for
 from builder.spec import load_spec
 from edgestack.client import DetectionClient
 from edgestack.server import TritonServer
@@ -59,6 +59,23 @@ def client(request, edge_server) -> Iterator[DetectionClient]:
 # The sidecar modules' shared server and agents (defined beside their helpers)
 from tests.integration.sidecar_support import (fixture_sidecar_env, make_agent, sidecar_env,  # noqa: E402, F401
                                                swap_env)
+
+
+def assert_each_pipeline_serves_its_variant(server: TritonServer, variants, pipeline_name) -> None:
+    """Each pipeline's <name>.pipeline.json names the variant file its detector serves, and the server has it ready."""
+    import json
+
+    import tritonclient.http as httpclient
+
+    client = httpclient.InferenceServerClient(server.http_url)
+    try:
+        for name, variant in variants.items():
+            record = json.loads((server.repository / f"{pipeline_name(name)}{PIPELINE_FILE_SUFFIX}").read_text())
+            assert record["variant"]["name"] == variant.name
+            assert record["variant"]["files_sha256"]["model.onnx"] == variant.options["sha256"]
+            assert client.is_model_ready(f"{pipeline_name(name)}_detector")
+    finally:
+        client.close()
 
 
 def served_detections(server: TritonServer, variants, model_of, images: list[Path], references) -> dict:

@@ -14,7 +14,6 @@ The photos are held out: pruning and INT8 calibration use images_more/, the requ
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Iterator
 
@@ -31,11 +30,11 @@ from builder.optimize.calibration import load_calibration_set
 from builder.optimize.evaluate import ImageDetections
 from builder.optimize.pipeline import make_runner
 from builder.optimize.variants import Variant
-from builder.repository import PIPELINE_FILE_SUFFIX, render_repository, target_for
+from builder.repository import render_repository, target_for
 from builder.spec import load_spec
 from edgestack.server import TritonServer
 from tests.conftest import FIXTURES, IMAGES, SPEC
-from tests.integration.conftest import served_detections, assert_stopped
+from tests.integration.conftest import assert_each_pipeline_serves_its_variant, assert_stopped, served_detections
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -137,16 +136,6 @@ def test_pruned_student_is_served_faithfully(spec, variants, served, photos, nam
 
 
 def test_each_pipeline_serves_its_variant(server, variants):
-    import tritonclient.grpc as grpcclient
-
-    client = grpcclient.InferenceServerClient(server.grpc_url)
-    try:
-        for name, variant in variants.items():
-            record = json.loads((server.repository / f"{pipeline_name(name)}{PIPELINE_FILE_SUFFIX}").read_text())
-            assert record["variant"]["name"] == variant.name
-            assert record["variant"]["files_sha256"]["model.onnx"] == variant.options["sha256"]
-            assert client.is_model_ready(f"{pipeline_name(name)}_detector")
-    finally:
-        client.close()
+    assert_each_pipeline_serves_its_variant(server, variants, pipeline_name)
     assert variants["r30-fp32"].path.stat().st_size < 0.7 * variants["r0"].path.stat().st_size
     assert variants["r30-int8"].options["compress"]["prunable_channels_removed"] == pytest.approx(0.3, abs=0.05)

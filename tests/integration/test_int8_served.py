@@ -46,7 +46,7 @@ from builder.spec import load_spec
 from edgestack.server import TritonServer
 from ensembles import render_pipeline
 from tests.conftest import IMAGES, ROOT, SPEC
-from tests.integration.conftest import served_detections, assert_stopped
+from tests.integration.conftest import assert_each_pipeline_serves_its_variant, assert_stopped, served_detections
 from tests.variants import ORT_CALIBRATION_IMAGES
 
 pytestmark = pytest.mark.integration
@@ -151,17 +151,7 @@ def test_http_answers_like_grpc(served, name):
 
 def test_each_pipeline_serves_its_own_int8_model(server, variants):
     """The repository records which variant file each pipeline's detector serves, and the server has them all."""
-    import tritonclient.http as httpclient
-
-    client = httpclient.InferenceServerClient(server.http_url)
-    try:
-        for name, variant in variants.items():
-            record = json.loads((server.repository / f"{pipeline_name(name)}{PIPELINE_FILE_SUFFIX}").read_text())
-            assert record["variant"]["name"] == variant.name
-            assert record["variant"]["files_sha256"]["model.onnx"] == variant.options["sha256"]
-            assert client.is_model_ready(f"{pipeline_name(name)}_detector")
-    finally:
-        client.close()
+    assert_each_pipeline_serves_its_variant(server, variants, pipeline_name)
     recipe = variants["int8-mean-quantile"].options
     assert recipe["quantized_ops"]["executed"]["integer_ops"]["QLinearConv"] == 89
     assert recipe["resize_executed"] == {"float": 3, "integer": 0}
