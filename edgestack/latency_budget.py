@@ -235,6 +235,24 @@ def _stats(client: Any, models: Sequence[str]) -> dict[str, dict[str, int]]:
     return out
 
 
+def _settled_stats(client: Any, models: Sequence[str], interval_s: float = 0.02,
+                   timeout_s: float = 2.0) -> dict[str, dict[str, int]]:
+    """`_stats` once two reads `interval_s` apart agree.
+
+    Triton adds a request to a model's statistics when the request is released, which for an ensemble can be
+    just after the client already has the response; reading at once can miss the last request sent.
+    """
+    deadline = time.monotonic() + timeout_s
+    last = _stats(client, models)
+    while time.monotonic() < deadline:
+        time.sleep(interval_s)
+        now = _stats(client, models)
+        if now == last:
+            break
+        last = now
+    return last
+
+
 def _delta_ms(before: dict[str, int], after: dict[str, int]) -> tuple[int, dict[str, float]]:
     count = after["count"] - before["count"]
     if count <= 0:
@@ -280,12 +298,12 @@ def measure_budget(grpc_url: str, model: str, images: list[bytes], requests: int
         try:
             for i in range(warmup):
                 one(images[i % len(images)])
-            before = _stats(client, [model, *steps])
+            before = _settled_stats(client, [model, *steps])
             if meter is not None:
                 meter.start()
             timings = [one(images[i % len(images)]) for i in range(requests)]
             used = meter.stop() if meter is not None else None
-            after = _stats(client, [model, *steps])
+            after = _settled_stats(client, [model, *steps])
         except InferenceServerException as exc:
             raise ClientError(exc.message() or str(exc), exc.status()) from exc
     finally:

@@ -1,0 +1,41 @@
+"""Statistics window of the latency budget: late ensemble accounting is waited for."""
+from __future__ import annotations
+
+from edgestack.latency_budget import _settled_stats
+
+
+class LateEnsembleStats:
+    """Statistics endpoint whose ensemble count catches up one read after its steps (as Triton's may)."""
+
+    def __init__(self, lag_reads: int):
+        self.reads = 0
+        self.lag_reads = lag_reads
+
+    def get_inference_statistics(self, name, as_json=True):
+        self.reads += 1
+        count = 10 if name != "detect" or self.reads > self.lag_reads else 9
+        return {"model_stats": [{"inference_stats": {"success": {"count": count, "ns": count * 1000}}}]}
+
+
+def test_waits_until_the_ensemble_count_settles():
+    client = LateEnsembleStats(lag_reads=2)
+    stats = _settled_stats(client, ["detect", "detect_detector"], interval_s=0.001)
+    assert stats["detect"]["count"] == 10 == stats["detect_detector"]["count"]
+
+
+def test_stable_statistics_are_read_twice_only():
+    client = LateEnsembleStats(lag_reads=0)
+    stats = _settled_stats(client, ["detect"], interval_s=0.001)
+    assert stats["detect"]["count"] == 10 and client.reads == 2
+
+
+def test_never_settling_gives_up_after_the_timeout():
+    class Growing:
+        n = 0
+
+        def get_inference_statistics(self, name, as_json=True):
+            self.n += 1
+            return {"model_stats": [{"inference_stats": {"success": {"count": self.n}}}]}
+
+    stats = _settled_stats(Growing(), ["detect"], interval_s=0.001, timeout_s=0.05)
+    assert stats["detect"]["count"] > 1
