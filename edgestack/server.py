@@ -170,6 +170,8 @@ class TritonServer:
         return cmd + list(self.extra_args)
 
     def start(self, timeout_s: float = 120.0, should_stop: Callable[[], bool] = lambda: False) -> "TritonServer":
+        if self.process is not None and self.process.poll() is None:
+            raise ServerError(f"tritonserver (pid {self.process.pid}) is already running; stop it first")
         if not self.repository.is_dir():
             raise ServerError(f"model repository {self.repository} does not exist; run `edgestack build` first")
         install = find_triton()

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from edgestack.errors import ServerError
 from edgestack.server import TritonServer, remove_shm_regions
 from tests.integration.conftest import assert_stopped, render
 
@@ -30,6 +31,16 @@ def test_a_killed_server_leaves_no_shared_memory(tmp_path):
         assert all(r.exists() for r in regions)  # killed: nothing removed them
     assert_stopped(pid)
     assert not list(SHM.glob(f"{server.shm_prefix}*"))
+
+
+def test_starting_a_running_server_again_is_refused_and_leaks_nothing(tmp_path):
+    server = TritonServer(render(tmp_path), explicit_models=["detect_postprocess"], log_path=tmp_path / "log")
+    with server:
+        pid = server.pid
+        with pytest.raises(ServerError, match="already running"):
+            server.start()
+        assert server.pid == pid
+    assert_stopped(pid)
 
 
 def test_remove_shm_regions_takes_only_its_prefix(tmp_path):
