@@ -211,7 +211,12 @@ def command_name(args: argparse.Namespace) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run a command; every error the project raises on purpose (EdgestackError, see backends.errors) and a file
     the command cannot read or write (OSError) is reported here, once, as one line with exit code 2."""
-    args = make_parser().parse_args(argv)
+    return run_parsed(make_parser().parse_args(argv))
+
+
+def run_parsed(args: argparse.Namespace) -> int:
+    """Run a parsed command, mapping the project's errors (and OSError) to one line and exit code 2; every entry
+    point that parses its own command line (fleet.rollout_cli) runs through here."""
     try:
         return args.func(args)
     except (EdgestackError, OSError) as exc:

@@ -245,20 +245,14 @@ def cmd_controller(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m fleet.rollout_cli rollout ...|fleet controller ...`: these commands without the rest of the CLI."""
-    from edgestack.cli import command_name
-    from edgestack.errors import EdgestackError
+    from edgestack.cli import run_parsed
 
     parser = argparse.ArgumentParser(prog="edgestack", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     add_parser(sub)
     add_fleet_commands(sub.add_parser("fleet", help="fleet daemons").add_subparsers(dest="fleet_command",
                                                                                      required=True))
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except (EdgestackError, OSError) as exc:
-        print(f"edgestack {command_name(args)}: error: {exc}", file=sys.stderr)
-        return 2
+    return run_parsed(parser.parse_args(argv))
 
 
 if __name__ == "__main__":
