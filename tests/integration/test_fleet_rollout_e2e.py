@@ -11,6 +11,7 @@ The devices state their class (--device-class), as a fleet of mixed hardware wou
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -24,14 +25,17 @@ from typing import Iterator
 import pytest
 
 from edgestack.server import TritonServer, free_port
+from fleet.errors import TransportError
 from fleet.mlflow_server import MlflowServer
 from fleet.registry import Registry
+from fleet.transport import NatsFleetBus
 from sidecar.bundle import create_bundle
 from sidecar.triton_control import TritonControl
 from sidecar.trust import make_root, sign
 from tests.fleet_support import assert_gone, nats_server_module  # noqa: F401 (fixture)
 from tests.integration.conftest import assert_stopped, render
 from tests.integration.sidecar_support import DETECTOR, DOG, EXPIRES, Keys, Load, expected_outputs, make_variant
+from tests.loop_support import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -117,6 +121,20 @@ def _stop(process: subprocess.Popen | None) -> None:
     assert_gone(process.pid)
 
 
+def _registered(nats_url: str) -> set[str]:
+    """Device ids registered on the bus; none while the controller has not created the buckets yet."""
+    async def read() -> set[str]:
+        bus = await NatsFleetBus.connect(nats_url, name="e2e-test", ensure=False)
+        try:
+            return set(await bus.registrations())
+        except TransportError:
+            return set()
+        finally:
+            await bus.close()
+
+    return asyncio.run(read())
+
+
 def _bundle(folder: Path, out: Path, keys: Keys, expected, version: str, metadata_version: int,
             classes: tuple[str, ...]) -> Path:
     from builder.device_class import ArtifactClasses
@@ -169,6 +187,10 @@ def fleet(tmp_path_factory, nats_server_module) -> Iterator[Fleet]:
                                           stdout=controller_log, stderr=subprocess.STDOUT, start_new_session=True)
             for device in devices:  # the controller creates the buckets and the stream; the devices use them
                 device.daemon = _start_daemon(device, nats_server_module.url, root_json)
+            # A device registering after a rollout started joins it mid-stage (a "devices_placed" event), which
+            # would change the stages the tests check: start them with the whole fleet registered.
+            wait_for(lambda: _registered(nats_server_module.url) >= {d.device_id for d in devices}, 120,
+                     "every device to register on the bus", poll_s=0.5)
             (tmp / "strategy.yaml").write_text(STRATEGY)
             yield Fleet(tmp, devices, nats_server_module.url, registry, mlflow.url, keys, bundles, controller)
     finally:
