@@ -33,7 +33,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -235,19 +235,21 @@ def _stats(client: Any, models: Sequence[str]) -> dict[str, dict[str, int]]:
     return out
 
 
-def _settled_stats(client: Any, models: Sequence[str], interval_s: float = 0.02,
-                   timeout_s: float = 2.0) -> dict[str, dict[str, int]]:
-    """`_stats` once two reads `interval_s` apart agree.
+def _settled_stats(client: Any, models: Sequence[str], at_least: Mapping[str, int] | None = None,
+                   interval_s: float = 0.05, timeout_s: float = 2.0) -> dict[str, dict[str, int]]:
+    """`_stats` once every model has counted at least `at_least[model]` requests and two reads `interval_s` apart
+    agree (or after timeout_s, with other traffic on the server).
 
     Triton adds a request to a model's statistics when the request is released, which for an ensemble can be
-    just after the client already has the response; reading at once can miss the last request sent.
+    just after the client already has the response: read at once, the last request sent can be missing.
     """
     deadline = time.monotonic() + timeout_s
+    wanted = at_least or {}
     last = _stats(client, models)
     while time.monotonic() < deadline:
         time.sleep(interval_s)
         now = _stats(client, models)
-        if now == last:
+        if now == last and all(now[m]["count"] >= n for m, n in wanted.items()):
             break
         last = now
     return last
@@ -296,14 +298,16 @@ def measure_budget(grpc_url: str, model: str, images: list[bytes], requests: int
             return t1 - t0, t2 - t1, t3 - t2
 
         try:
+            models = [model, *steps]
+            start = _settled_stats(client, models)
             for i in range(warmup):
                 one(images[i % len(images)])
-            before = _settled_stats(client, [model, *steps])
+            before = _settled_stats(client, models, {m: start[m]["count"] + warmup for m in models})
             if meter is not None:
                 meter.start()
             timings = [one(images[i % len(images)]) for i in range(requests)]
             used = meter.stop() if meter is not None else None
-            after = _settled_stats(client, [model, *steps])
+            after = _settled_stats(client, models, {m: before[m]["count"] + requests for m in models})
         except InferenceServerException as exc:
             raise ClientError(exc.message() or str(exc), exc.status()) from exc
     finally:
