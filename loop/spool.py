@@ -167,4 +167,3 @@ class Spool:
             return
         with self._lock:
             self._bytes = max(0, self._bytes - size)
-

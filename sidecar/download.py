@@ -18,8 +18,7 @@ import urllib.request
 from pathlib import Path
 from typing import Protocol
 
-from backends.common.files import sha256_file
-from backends.common.files import fsync_dir
+from backends.common.files import fsync_dir, sha256_file
 from sidecar.errors import DownloadError
 
 log = logging.getLogger(__name__)

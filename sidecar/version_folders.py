@@ -14,9 +14,8 @@ from pathlib import Path
 from typing import Iterable, Mapping
 
 from backends.common.files import fsync_dir
-from sidecar.durable import copy_synced
+from sidecar.durable import atomic_write, copy_synced
 from sidecar.errors import DiskSpaceError
-from sidecar.durable import atomic_write
 
 STAGING_PREFIX = ".staging-"
 TRASH_PREFIX = ".trash-"
