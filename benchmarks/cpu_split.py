@@ -25,6 +25,7 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from backends.common.files import image_files  # noqa: E402
 from benchmarks.peer_fastapi import CORES, Level, closed_loop, grpc_sender, http_sender, make_peers  # noqa: E402
 from benchmarks.sections import replace_section  # noqa: E402
 from builder.repository import target_for  # noqa: E402
@@ -103,7 +104,7 @@ def main() -> int:
     args = parser.parse_args()
 
     spec = load_spec(args.spec)
-    images = [p.read_bytes() for p in sorted(Path(args.images).iterdir()) if p.suffix.lower() in {".jpg", ".jpeg", ".png"}]
+    images = [p.read_bytes() for p in image_files(Path(args.images))]
     levels = [int(c) for c in args.concurrency.split(",")]
     load_before = os.getloadavg()[0]
     results: dict[str, dict[int, tuple[Level, dict[str, float]]]] = {}

@@ -26,6 +26,7 @@ import tritonclient.grpc as grpcclient
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from backends.common.files import image_files  # noqa: E402
 from backends.detector.onnx_runner import make_session  # noqa: E402
 from backends.postprocess.pipeline import postprocess_image  # noqa: E402
 from backends.preprocess.image_ops import decode_image, prepare_input  # noqa: E402
@@ -119,7 +120,7 @@ def main() -> int:
     args = parser.parse_args()
 
     spec = load_spec(args.spec)
-    images = [p.read_bytes() for p in sorted(Path(args.images).iterdir()) if p.suffix.lower() in {".jpg", ".png"}]
+    images = [p.read_bytes() for p in image_files(Path(args.images))]
     detect_local = in_process_detector(spec, args.threads)
     lines = [f"## Ensemble overhead ({datetime.date.today()}, {platform.machine()}, {os.cpu_count()} cores, {len(images)} images)",
              "", f"Latency at concurrency 1: one detector instance with {args.threads} ONNX Runtime thread(s) on both sides.", ""]

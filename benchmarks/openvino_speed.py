@@ -24,6 +24,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from backends.common.files import image_files  # noqa: E402
 from backends.detector.onnx_runner import OnnxDetector, make_session  # noqa: E402
 from backends.detector.openvino_runner import OpenVinoDetector  # noqa: E402
 from backends.postprocess.pipeline import postprocess_image  # noqa: E402
@@ -76,7 +77,7 @@ def main() -> int:
     args = parser.parse_args()
 
     spec = load_spec(SPEC)
-    image_paths = sorted(p for p in IMAGES.iterdir() if p.suffix.lower() in {".jpg", ".png"})
+    image_paths = image_files(IMAGES)
     inputs = [prepare_input(decode_image(p.read_bytes(), spec.limits), spec.input) for p in image_paths]
     tensor = inputs[[p.name for p in image_paths].index("dog.jpg")][0][None]
     calibration = load_calibration_set(IMAGES, spec.input, spec.limits, count=args.calibration)

@@ -41,6 +41,7 @@ from typing import Callable
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from backends.common.files import image_files  # noqa: E402
 from builder.repository import render_repository, target_for  # noqa: E402
 from builder.spec import load_spec  # noqa: E402
 from builder.tune.measure import Level, closed_loop  # noqa: E402,F401 - tune_vs_peers imports them from here
@@ -196,7 +197,7 @@ def main() -> int:
     args = parser.parse_args()
 
     spec = load_spec(args.spec)
-    images = [p.read_bytes() for p in sorted(Path(args.images).iterdir()) if p.suffix.lower() in {".jpg", ".jpeg", ".png"}]
+    images = [p.read_bytes() for p in image_files(Path(args.images))]
     levels = [int(c) for c in args.concurrency.split(",")]
     wanted = {n.strip() for n in args.systems.split(",") if n.strip()} | {"triton", "peer-tuned"}
     unknown = wanted - set(SYSTEMS)

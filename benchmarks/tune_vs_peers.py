@@ -31,6 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from backends.common.files import image_files  # noqa: E402
 from benchmarks.peer_fastapi import (CORES, Level, closed_loop, grpc_sender, http_sender,  # noqa: E402
                                      make_peers, outputs_agree)
 from benchmarks.sections import replace_section  # noqa: E402
@@ -91,7 +92,7 @@ def main() -> int:
     args = parser.parse_args()
 
     spec = load_spec(args.spec)
-    images = [p.read_bytes() for p in sorted(Path(args.images).iterdir()) if p.suffix.lower() in {".jpg", ".jpeg", ".png"}]
+    images = [p.read_bytes() for p in image_files(Path(args.images))]
     levels = [int(c) for c in args.concurrency.split(",")]
     results: dict[str, dict[int, Level]] = {n: {} for n in SYSTEMS}
 
