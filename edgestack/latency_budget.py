@@ -89,7 +89,12 @@ class Budget:
     # ---- derived -------------------------------------------------------------------------------------
     @property
     def network_ms(self) -> float:
-        """Network, gRPC and Triton's frontend: what the client waited beyond the ensemble's own time."""
+        """Network, gRPC and Triton's frontend: what the client waited beyond the ensemble's own time.
+
+        A remainder, and it can be slightly negative: Triton ends the ensemble's time when its last step releases
+        the request, which can be just after the response has left (and the client has it). On a loaded machine
+        that release lag can outweigh the sub-millisecond network and frontend time.
+        """
         return self.client_total_mean_ms - self.serialization_ms - self.deserialization_ms - self.ensemble_ms
 
     @property
@@ -177,7 +182,7 @@ class Budget:
             f"{self.images} image(s)",
             f"{'component':<48}{'ms/request':>10}  {'share of client mean'}",
             row("client serialization (InferInput)", self.serialization_ms),
-            row("network / gRPC + server frontend", self.network_ms),
+            row("network / gRPC + frontend (<0: late release)", self.network_ms),
             row(f"ensemble {self.model} (server side)", self.ensemble_ms),
             row("ensemble queue", self.ensemble_queue_ms, 2),
         ]
