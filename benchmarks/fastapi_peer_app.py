@@ -8,8 +8,10 @@ The blocking work runs in Starlette's thread pool, so the event loop keeps accep
 
 Configuration (environment, read when a worker starts, so it reaches every `--workers` process):
   PEER_SPEC         pipeline spec YAML (default: specs/centernet_coco.yaml)
-  PEER_ORT_THREADS  ONNX Runtime intra-op threads per worker; unset or "default": ONNX Runtime's own default
-                    session options (one thread per physical core)
+  PEER_ORT_THREADS  detector threads per worker; unset or "default": the runtime's own default (ONNX Runtime:
+                    one thread per physical core, spinning; OpenVINO: its latency hint's choice)
+  PEER_ENGINE       onnxruntime (default) or openvino: the same FP32 ONNX file, run by OpenVINO on the CPU
+                    (backends.detector.openvino_runner, as the `intel` target's detector)
 
     PEER_ORT_THREADS=1 uvicorn benchmarks.fastapi_peer_app:app --workers 2 --port 8080
 
@@ -58,13 +60,29 @@ def make_ort_session(model_path: str, threads: int | None):
     return make_session(model_path, intra_op_threads=threads)
 
 
-class PeerDetector:
-    """bytes -> JSON-ready detections, in one process: decode/preprocess, ONNX Runtime, postprocess."""
+ENGINES = ("onnxruntime", "openvino")
 
-    def __init__(self, spec: PipelineSpec, threads: int | None):
+
+def make_runner(spec: PipelineSpec, threads: int | None, engine: str):
+    """batch -> the detector's output, by ONNX Runtime or OpenVINO on the spec's ONNX file."""
+    if engine == "onnxruntime":
+        session = make_ort_session(str(spec.model_path), threads)
+        return lambda batch: session.run([spec.output.name], {spec.input_name: batch})[0]
+    if engine == "openvino":
+        from backends.detector.openvino_runner import OpenVinoDetector
+
+        return OpenVinoDetector(str(spec.model_path), spec.input_name, spec.output.name, threads or 0).run
+    raise ValueError(f"PEER_ENGINE {engine!r} is not one of {ENGINES}")
+
+
+class PeerDetector:
+    """bytes -> JSON-ready detections, in one process: decode/preprocess, the detector, postprocess."""
+
+    def __init__(self, spec: PipelineSpec, threads: int | None, engine: str = "onnxruntime"):
         self.spec = spec
         self.threads = threads
-        self.session = make_ort_session(str(spec.model_path), threads)
+        self.engine = engine
+        self.run = make_runner(spec, threads, engine)
         self.options = dict(num_classes=len(spec.classes), score_threshold=spec.thresholds.score,
                             iou_threshold=spec.thresholds.iou, max_detections=spec.thresholds.max_detections,
                             class_agnostic=spec.thresholds.class_agnostic)
@@ -72,7 +90,7 @@ class PeerDetector:
     def __call__(self, data: bytes) -> dict[str, Any]:
         spec = self.spec
         tensor, transform = prepare_input(decode_image(data, spec.limits), spec.input)
-        raw = self.session.run([spec.output.name], {spec.input_name: tensor[None]})[0]
+        raw = self.run(tensor[None])
         boxes, scores, class_ids = postprocess_image(raw[0], spec.output.format, transform, **self.options)
         return {
             "source": "peer",
@@ -96,7 +114,8 @@ def threads_from_env(value: str | None) -> int | None:
 
 def detector_from_env() -> PeerDetector:
     return PeerDetector(load_spec(os.environ.get("PEER_SPEC", str(DEFAULT_SPEC))),
-                        threads_from_env(os.environ.get("PEER_ORT_THREADS")))
+                        threads_from_env(os.environ.get("PEER_ORT_THREADS")),
+                        os.environ.get("PEER_ENGINE", "onnxruntime").strip().lower() or "onnxruntime")
 
 
 def create_app(detector: PeerDetector | None = None) -> FastAPI:
@@ -114,7 +133,8 @@ def create_app(detector: PeerDetector | None = None) -> FastAPI:
     @app.get("/health")
     async def health() -> dict[str, Any]:
         d = app.state.detector
-        return {"ready": d is not None, "ort_threads": "default" if d is None or d.threads is None else d.threads}
+        return {"ready": d is not None, "ort_threads": "default" if d is None or d.threads is None else d.threads,
+                "engine": None if d is None else d.engine}
 
     @app.post("/detect")
     async def detect(request: Request) -> dict[str, Any]:

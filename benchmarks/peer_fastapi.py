@@ -66,6 +66,7 @@ class PeerServer:
     log_path: Path
     access_log: bool = True
     stock_cli: bool = True  # False: python -m benchmarks.fastapi_peer_app (TCP_NODELAY-safe workers)
+    engine: str = "onnxruntime"  # or openvino (PEER_ENGINE)
     port: int = 0
     process: subprocess.Popen | None = None
 
@@ -86,11 +87,13 @@ class PeerServer:
         env.pop("PEER_ORT_THREADS", None)
         if self.ort_threads is not None:
             env["PEER_ORT_THREADS"] = str(self.ort_threads)
+        env["PEER_ENGINE"] = self.engine
         return env
 
     def describe(self) -> str:
         threads = "default" if self.ort_threads is None else str(self.ort_threads)
-        return f"PEER_ORT_THREADS={threads} python " + " ".join(shlex.quote(c) for c in self.command()[1:])
+        engine = "" if self.engine == "onnxruntime" else f"PEER_ENGINE={self.engine} "
+        return f"{engine}PEER_ORT_THREADS={threads} python " + " ".join(shlex.quote(c) for c in self.command()[1:])
 
     def start(self, timeout_s: float = 60.0) -> "PeerServer":
         self.port = self.port or free_port()
@@ -179,6 +182,10 @@ def make_peers(names: list[str], spec: Path, workers: int, tmp: Path) -> dict[st
         "peer-default": dict(workers=None, ort_threads=None, access_log=True, stock_cli=True),
         # one worker whose ONNX Runtime uses every core without spinning: one image on all cores
         "peer-cores": dict(workers=None, ort_threads=CORES, access_log=False, stock_cli=False),
+        # the same model run by OpenVINO (as the `intel` target's detector): one worker per core, and one on all
+        "peer-openvino": dict(workers=workers, ort_threads=1, access_log=False, stock_cli=False, engine="openvino"),
+        "peer-openvino-cores": dict(workers=None, ort_threads=CORES, access_log=False, stock_cli=False,
+                                    engine="openvino"),
     }
     return {n: PeerServer(n, spec=spec, log_path=tmp / f"{n}.log", **configs[n]) for n in names if n != "triton"}
 

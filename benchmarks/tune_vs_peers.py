@@ -6,9 +6,12 @@
   triton-tuned      the `detect` ensemble rendered with the candidate `edgestack tune` chose on this machine
                     (its report's "chosen"; without --tune-report the tune runs first, objective balanced)
   triton-default    the same ensemble with the builder's defaults: the baseline the ratios are read against
-  peer-tuned, peer-tuned-stock, peer-default
+  peer-tuned, peer-tuned-stock, peer-default, peer-cores
                     FastAPI + uvicorn + ONNX Runtime (benchmarks/peer_fastapi.py: the same servers, senders and
                     closed loop)
+  peer-openvino, peer-openvino-cores
+                    the same peer with OpenVINO running the same FP32 model (one worker per core, one thread each;
+                    one worker on every core): the like-for-like peers when the tune picks the `intel` target
 
 All servers run for the whole measurement; each level measures every system in turn (interleaved), so drift
 hits all alike. Goal (issue #14): triton-tuned >= 1.0x the best peer's throughput at every concurrency, with p99
@@ -41,7 +44,7 @@ from builder.tune.space import Candidate  # noqa: E402
 from edgestack.server import TritonServer  # noqa: E402
 from ensembles import render_pipeline  # noqa: E402
 
-PEERS = ("peer-tuned", "peer-tuned-stock", "peer-default", "peer-cores")
+PEERS = ("peer-tuned", "peer-tuned-stock", "peer-default", "peer-cores", "peer-openvino", "peer-openvino-cores")
 SYSTEMS = ("triton-tuned", "triton-default", *PEERS)
 
 
@@ -100,8 +103,10 @@ def main() -> int:
         tmp = Path(tmp_name)
         candidate, source = tuned_candidate(args, tmp)
         load_before = os.getloadavg()[0]
-        targets = {"triton-tuned": target_for(spec, **candidate.overrides()), "triton-default": target_for(spec)}
-        tritons = {n: TritonServer(render_pipeline(spec, tmp / n, t), log_path=tmp / f"{n}.log")
+        tuned_spec = candidate.spec_for(spec)
+        targets = {"triton-tuned": target_for(tuned_spec, **candidate.overrides()), "triton-default": target_for(spec)}
+        specs = {"triton-tuned": tuned_spec, "triton-default": spec}
+        tritons = {n: TritonServer(render_pipeline(specs[n], tmp / n, t), log_path=tmp / f"{n}.log")
                    for n, t in targets.items()}
         peers = make_peers(["triton", *PEERS], Path(args.spec).resolve(), args.workers, tmp)
         started: list = []
@@ -134,7 +139,7 @@ def main() -> int:
         "",
         f"- triton-tuned: `edgestack tune`'s choice, {candidate.label} "
         f"(target {tuned_target.name}: {json.dumps(dataclasses.asdict(tuned_target))}); chosen by {source}.",
-        "- triton-default: the builder's defaults for the same target. Peers as in benchmarks/peer_fastapi.py: "
+        f"- triton-default: the builder's defaults for the spec's target ({spec.target}). Peers as in benchmarks/peer_fastapi.py: "
         + "; ".join(f"{n}: `{p.describe()}`" for n, p in peers.items()) + ".",
         f"- Outputs agree on {agree}/{len(images)} images. Closed loop, load generator in the same process, on the "
         f"same cores. 1-min load average before the measurement {load_before:.2f}, after {load_after:.2f}"

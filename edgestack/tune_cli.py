@@ -9,11 +9,13 @@ load runs at each concurrency asked over gRPC, and the server is stopped by PID.
     edgestack tune --images ../shared/fixtures/images --objective latency --concurrency 1
     edgestack tune --images DIR --objective throughput --p99-slo-ms 300 --concurrency 1,4,8
     edgestack tune --images DIR --detector-instances 1,2 --intra-op-threads 1,2 --queue-delay-us 0,2000
+    edgestack tune --images DIR --targets cpu,intel      # ONNX Runtime and OpenVINO in one search
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import os
 import sys
 import tempfile
@@ -28,10 +30,26 @@ FLAGS = {"detector_instances": "--detector-instances", "intra_op_threads": "--in
          "preprocess_instances": "--preprocess-instances", "postprocess_instances": "--postprocess-instances"}
 
 
-def _space(args: argparse.Namespace, target: str):
+def _candidates(args: argparse.Namespace, spec_target: str) -> list:
+    """The candidates of every target asked (--targets: several runtimes in one search; else the spec's)."""
+    from builder.tune.space import CPU_TARGETS
+    from builder.errors import TargetError
+
+    if not args.targets:
+        return _space(args, spec_target).candidates()
+    targets = tuple(dict.fromkeys(t.strip() for t in args.targets.split(",") if t.strip()))
+    unknown = [t for t in targets if t not in CPU_TARGETS]
+    if unknown or not targets:
+        raise TargetError(f"tune: --targets {args.targets!r}: each must be one of the CPU targets {CPU_TARGETS}")
+    return [c for t in targets for c in _space(args, t, named=True).candidates()]
+
+
+def _space(args: argparse.Namespace, target: str, named: bool = False):
     from builder.tune.space import SearchSpace, default_space, parse_levels
 
     space = default_space(target, args.cores, quick=args.quick)
+    if named:
+        space = dataclasses.replace(space, targets=(target,))
     given = {}
     for name, flag in FLAGS.items():
         if getattr(args, name):
@@ -40,6 +58,8 @@ def _space(args: argparse.Namespace, target: str):
         given["intra_op_spinning"] = tuple(_on_off(v) for v in args.spinning.split(",") if v.strip())
     if given:  # explicit levels: no thread cap beyond what was asked
         space = SearchSpace(**{**{k: v for k, v in vars(space).items() if k != "max_threads"}, **given})
+        if target == "intel":  # OpenVINO has no spinning threads
+            space = dataclasses.replace(space, intra_op_spinning=(False,))
     return space
 
 
@@ -92,11 +112,11 @@ def cmd_tune(args: argparse.Namespace) -> int:
     if args.target:
         spec = spec.replace(target=args.target)
     concurrencies = parse_levels(args.concurrency, "--concurrency")
-    candidates = _space(args, spec.target).candidates()
+    candidates = _candidates(args, spec.target)
     images = [p.read_bytes() for p in image_folder(args.images)]
     meter, reasons = find_meter()
     energy_note = f"measured by {meter.name}" if meter else not_readable(reasons)
-    print(f"tune: {len(candidates)} candidate(s) for target {spec.target} on {args.cores} core(s), "
+    print(f"tune: {len(candidates)} candidate(s) for target {args.targets or spec.target} on {args.cores} core(s), "
           f"concurrency {','.join(map(str, concurrencies))}, {args.seconds:g} s per level; {energy_note}",
           file=sys.stderr, flush=True)
 
@@ -106,7 +126,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
         @contextlib.contextmanager
         def serve(candidate):
             n = len(list(tmp.glob("repo-*")))
-            repo = render_pipeline(spec, tmp / f"repo-{n}", target_for(spec, **candidate.overrides()))
+            own = candidate.spec_for(spec)
+            repo = render_pipeline(own, tmp / f"repo-{n}", target_for(own, **candidate.overrides()))
             with TritonServer(repo, log_path=tmp / f"tritonserver-{n}.log") as server:
                 def make_sender():
                     client = DetectionClient(server.grpc_url, "grpc", spec.name, timeout_s=60)
@@ -126,14 +147,15 @@ def cmd_tune(args: argparse.Namespace) -> int:
     chosen, reason = choose(trials, args.objective, args.p99_slo_ms)
     print(table(trials, concurrencies, chosen))
     print(f"\nchoice ({args.objective}): {reason}")
-    context = {"spec": args.spec, "target": spec.target, "cores": args.cores, "images": len(images),
+    context = {"spec": args.spec, "target": args.targets or spec.target, "cores": args.cores, "images": len(images),
                "seconds per level": args.seconds, "rounds": args.rounds, "p99 SLO ms": args.p99_slo_ms, "energy": energy_note,
                "load average (1 min) at the end": f"{os.getloadavg()[0]:.2f}"}
     md, js = write_report(Path(args.report), trials, concurrencies, args.objective, chosen, reason, context)
     print(f"report: {md} and {js}")
     if chosen is None:
         return 1
-    out = render_pipeline(spec, Path(args.out), target_for(spec, **chosen.candidate.overrides()))
+    best = chosen.candidate.spec_for(spec)
+    out = render_pipeline(best, Path(args.out), target_for(best, **chosen.candidate.overrides()))
     print(f"tuned repository written to {out}; the same with the builder: edgestack build {args.spec} "
           f"{chosen.candidate.build_flags()} (queue delay, pre/postprocess instances: the spec's runtime section)")
     return 0
@@ -150,6 +172,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("spec", nargs="?", default=str(DEFAULT_SPEC))
     parser.add_argument("--images", required=True, metavar="DIR", help="folder of images sent in turn")
     parser.add_argument("--target", choices=TARGETS, help="target to tune (default: the spec's)")
+    parser.add_argument("--targets", metavar="cpu,intel",
+                        help="several CPU targets in one search, which compares their runtimes too (cpu: ONNX "
+                             "Runtime, intel: OpenVINO; the same FP32 model); overrides --target")
     parser.add_argument("--objective", choices=OBJECTIVES, default="balanced",
                         help="latency (p99 at concurrency 1), throughput (at the highest concurrency, under "
                              "--p99-slo-ms) or balanced (closest to the best at every concurrency; default)")

@@ -5,7 +5,9 @@ A Candidate is a set of overrides accepted by builder.repository.target_for (and
 candidate never leaves ONNX Runtime or OpenVINO to choose (0 would mean "the runtime decides").
 
 On the `intel` target each detector instance is one OpenVINO compiled model with one stream
-(backends/detector/openvino_runner.py), so detector instances are the OpenVINO streams searched here.
+(backends/detector/openvino_runner.py), so detector instances are the OpenVINO streams searched here. A search
+over several CPU targets (`targets`) compares the runtimes too: ONNX Runtime (`cpu`) against OpenVINO (`intel`),
+the same FP32 model in both.
 """
 from __future__ import annotations
 
@@ -27,32 +29,41 @@ class Candidate:
     preprocess_instances: int | None = None  # None: the builder's rule (detector instances + 1)
     postprocess_instances: int = 1
     intra_op_spinning: bool = False  # ONNX Runtime's busy-waiting threads (only matters with 2 threads or more)
+    target: str | None = None  # None: the spec's target
 
     def __post_init__(self) -> None:
         if not isinstance(self.intra_op_spinning, bool):
             raise TargetError(f"tune candidate: intra_op_spinning must be true or false, got {self.intra_op_spinning!r}")
+        if self.target is not None and self.target not in CPU_TARGETS:
+            raise TargetError(f"tune candidate: target {self.target!r} is not one of the CPU targets {CPU_TARGETS}")
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if value is None or f.name == "intra_op_spinning":
+            if value is None or f.name in ("intra_op_spinning", "target"):
                 continue
             low = 0 if f.name == "max_queue_delay_us" else 1
             if not isinstance(value, int) or value < low:
                 raise TargetError(f"tune candidate: {f.name} must be an integer >= {low}, got {value!r}")
 
     def overrides(self) -> dict[str, int | None]:
-        """Keyword arguments for builder.repository.target_for."""
-        return dataclasses.asdict(self)
+        """Keyword arguments for builder.repository.target_for (the target itself is the spec's: see `spec_for`)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "target"}
+
+    def spec_for(self, spec):
+        """The spec with this candidate's target (the spec itself when the candidate names none)."""
+        return spec if self.target is None else spec.replace(target=self.target)
 
     @property
     def label(self) -> str:
         pre = "auto" if self.preprocess_instances is None else self.preprocess_instances
         spin = " spin" if self.intra_op_spinning else ""
-        return (f"det {self.detector_instances}x{self.intra_op_threads}t{spin}, batch {self.max_batch_size} "
+        on = f"{self.target}: " if self.target else ""
+        return (f"{on}det {self.detector_instances}x{self.intra_op_threads}t{spin}, batch {self.max_batch_size} "
                 f"delay {self.max_queue_delay_us}us, pre {pre}, post {self.postprocess_instances}")
 
     def build_flags(self) -> str:
         """The `edgestack build` options for the knobs it has."""
-        return (f"--detector-instances {self.detector_instances} --intra-op-threads {self.intra_op_threads} "
+        on = f"--target {self.target} " if self.target else ""
+        return (f"{on}--detector-instances {self.detector_instances} --intra-op-threads {self.intra_op_threads} "
                 f"--max-batch-size {self.max_batch_size}" + (" --intra-op-spinning" if self.intra_op_spinning else ""))
 
 
@@ -66,19 +77,20 @@ class SearchSpace:
     postprocess_instances: tuple[int, ...] = (1,)
     intra_op_spinning: tuple[bool, ...] = (False,)
     max_threads: int | None = None  # skip candidates whose instances x threads exceed this
+    targets: tuple[str | None, ...] = (None,)  # None: the spec's target
 
     def candidates(self) -> list[Candidate]:
         out = []
-        for det, threads, batch, delay, pre, post, spin in itertools.product(
-                self.detector_instances, self.intra_op_threads, self.max_batch_size, self.max_queue_delay_us,
-                self.preprocess_instances, self.postprocess_instances, self.intra_op_spinning):
+        for target, det, threads, batch, delay, pre, post, spin in itertools.product(
+                self.targets, self.detector_instances, self.intra_op_threads, self.max_batch_size,
+                self.max_queue_delay_us, self.preprocess_instances, self.postprocess_instances, self.intra_op_spinning):
             if self.max_threads is not None and det * threads > self.max_threads:
                 continue
             if batch == 1 and delay > 0:  # nothing to batch: the delay only adds latency
                 continue
-            if spin and threads == 1:  # one thread has no pool to spin
+            if spin and (threads == 1 or target == "intel"):  # one thread has no pool to spin; OpenVINO no knob
                 continue
-            out.append(Candidate(det, threads, batch, delay, pre, post, spin))
+            out.append(Candidate(det, threads, batch, delay, pre, post, spin, target))
         if not out:
             raise TargetError(f"tune: the search space is empty (max_threads {self.max_threads}): {self}")
         return out

@@ -90,6 +90,7 @@ def _edgestack(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
 
 
 def _start_daemon(device: Device, nats_url: str, root_json: Path) -> subprocess.Popen:
+    device.api_port = free_port()  # picked now, not minutes before the daemon binds it
     log = open(device.folder / "sidecar.log", "ab")  # noqa: SIM115 - closed with the process
     command = [sys.executable, "-m", "sidecar", "--repository", str(device.folder / "model_repository"),
                "--triton-http", device.server.http_url, "--state-dir", str(device.folder / "state"),
@@ -165,7 +166,7 @@ def fleet(tmp_path_factory, nats_server_module) -> Iterator[Fleet]:
             control = TritonControl(server.http_url, repository)
             control.restore(1)
             control.close()
-            devices.append(Device(device_id, device_class, folder, server, free_port()))
+            devices.append(Device(device_id, device_class, folder, server, 0))
         first = devices[0]
         expected = expected_outputs(first.server, [DOG])
         source = first.folder / "model_repository" / DETECTOR / "1"

@@ -109,7 +109,9 @@ def test_simulate_command_registers_and_reports(nats_server, tmp_path):
     timeline = tmp_path / "timeline.jsonl"
     command = [sys.executable, "-m", "fleet.simulate_cli", "fleet", "simulate", "--nats", nats_server.url,
                "--devices", "60", "--faults", "offline=0.1,liar=0.1", "--seed", "2", "--interval", "0.5",
-               "--duration", "3", "--progress-every", "1", "--timeline", str(timeline)]
+               # the duration counts from before the connection and the 60 registrations, which a loaded machine
+               # can stretch: room for a progress line and a round of reports after them
+               "--duration", "6", "--progress-every", "1", "--timeline", str(timeline)]
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                start_new_session=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     try:

@@ -311,7 +311,7 @@ def test_no_cloud_configured_always_edge():
 
 
 def test_mixed_batch_routes_per_image_in_parallel():
-    cloud = CloudStub(result=dets([0.97], [1], ["bicycle"]), delay=0.2)
+    cloud = CloudStub(result=dets([0.97], [1], ["bicycle"]), delay=0.5)
     router = Router(0.5, cloud)
     scores = [0.9, 0.1, 0.2, 0.95, 0.3, 0.4]  # 4 low-confidence images
     images = [f"img{i}".encode() for i in range(len(scores))]
@@ -327,7 +327,8 @@ def test_mixed_batch_routes_per_image_in_parallel():
     assert routed[0].detections is edges[0] and routed[3].detections is edges[3]
     assert all(routed[i].detections is cloud.result for i in (1, 2, 4, 5))
     assert sorted(cloud.calls) == sorted(images[i] for i in (1, 2, 4, 5))
-    assert elapsed < 0.6, f"4 cloud calls of 0.2 s took {elapsed:.2f} s: not parallel"
+    # one after another they take 2 s; in parallel 0.5 s, and a loaded machine gets a second of slack
+    assert elapsed < 1.5, f"4 cloud calls of 0.5 s took {elapsed:.2f} s: not parallel"
 
 
 def test_mixed_batch_failures_are_per_image():

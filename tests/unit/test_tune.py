@@ -46,6 +46,37 @@ def test_bad_candidate_names_the_field(fields, name):
         Candidate(*fields)
 
 
+def test_a_candidate_on_another_target_renders_that_targets_runtime():
+    spec = load_spec(SPEC)
+    cand = Candidate(2, 1, target="intel")
+    own = cand.spec_for(spec)
+    assert own.target == "intel" and Candidate(2, 1).spec_for(spec) is spec
+    target = target_for(own, **cand.overrides())
+    assert (target.name, target.detector_engine, target.detector_instances) == ("intel", "python_openvino", 2)
+    assert cand.label.startswith("intel: det 2x1t") and cand.build_flags().startswith("--target intel ")
+    with pytest.raises(TargetError, match="nvidia-gpu"):
+        Candidate(1, 1, target="nvidia-gpu")
+
+
+def test_targets_search_both_runtimes_and_openvino_never_spins():
+    from edgestack.tune_cli import _candidates, add_parser
+    import argparse
+
+    parser = add_parser(argparse.ArgumentParser().add_subparsers())
+    args = parser.parse_args(["--images", "x", "--targets", "cpu,intel", "--cores", "2"])
+    cands = _candidates(args, "cpu")
+    by_target = {t: [c for c in cands if c.target == t] for t in ("cpu", "intel")}
+    assert by_target["cpu"] and by_target["intel"] and len(cands) == len(by_target["cpu"]) + len(by_target["intel"])
+    assert any(c.intra_op_spinning for c in by_target["cpu"])
+    assert not any(c.intra_op_spinning for c in by_target["intel"])
+    assert {c.target for c in _candidates(parser.parse_args(["--images", "x"]), "cpu")} == {None}
+    with pytest.raises(TargetError, match="--targets"):
+        _candidates(parser.parse_args(["--images", "x", "--targets", "cpu,jetson"]), "cpu")
+    explicit = parser.parse_args(["--images", "x", "--targets", "intel", "--spinning", "on,off",
+                                  "--intra-op-threads", "2"])
+    assert not any(c.intra_op_spinning for c in _candidates(explicit, "cpu"))
+
+
 def test_parse_levels():
     assert parse_levels("1, 2,4", "--x") == (1, 2, 4)
     assert parse_levels("auto,3", "--pre", allow_auto=True) == (None, 3)
