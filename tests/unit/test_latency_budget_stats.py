@@ -45,5 +45,5 @@ def test_never_settling_gives_up_after_the_timeout():
             self.n += 1
             return {"model_stats": [{"inference_stats": {"success": {"count": self.n}}}]}
 
-    stats = _settled_stats(Growing(), ["detect"], interval_s=0.001, timeout_s=0.05)
+    stats = _settled_stats(Growing(), ["detect"], interval_s=0.001, timeout_s=0.3)
     assert stats["detect"]["count"] > 1

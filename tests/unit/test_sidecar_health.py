@@ -67,9 +67,9 @@ def triton(tmp_path) -> FakeTriton:
 
 def test_probation_watches_the_window_and_reports_it(triton):
     triton.traffic[CANDIDATE] = (3, 0, 3_000_000)
-    report = probation(triton, CANDIDATE, BASELINE, CANARY, window_s=0.05, poll_s=0.01)
+    report = probation(triton, CANDIDATE, BASELINE, CANARY, window_s=0.3, poll_s=0.01)
     polls = len(triton.calls_of("statistics")) - 1
-    assert polls >= 2 and report["window_s"] == 0.05 and report["thresholds"]["name"] == "canary"
+    assert polls >= 2 and report["window_s"] == 0.3 and report["thresholds"]["name"] == "canary"
     assert report["inference_count"] == report["success"] == 3 * polls and report["fail"] == 0
 
 
