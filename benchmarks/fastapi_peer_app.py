@@ -69,9 +69,18 @@ def make_runner(spec: PipelineSpec, threads: int | None, engine: str):
         session = make_ort_session(str(spec.model_path), threads)
         return lambda batch: session.run([spec.output.name], {spec.input_name: batch})[0]
     if engine == "openvino":
+        import threading
+
         from backends.detector.openvino_runner import OpenVinoDetector
 
-        return OpenVinoDetector(str(spec.model_path), spec.input_name, spec.output.name, threads or 0).run
+        detector, one_at_a_time = OpenVinoDetector(str(spec.model_path), spec.input_name, spec.output.name,
+                                                   threads or 0), threading.Lock()
+
+        def run(batch):  # one infer request per detector: Starlette's pool threads take turns on it
+            with one_at_a_time:
+                return detector.run(batch)
+
+        return run
     raise ValueError(f"PEER_ENGINE {engine!r} is not one of {ENGINES}")
 
 

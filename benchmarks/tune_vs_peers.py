@@ -89,7 +89,7 @@ def main() -> int:
     parser.add_argument("--warmup", type=float, default=2.0, help="seconds of unmeasured load per system first")
     parser.add_argument("--workers", type=int, default=CORES, help=f"peer-tuned uvicorn workers (default {CORES})")
     parser.add_argument("--tune-report", help="tune_report.json of an earlier `edgestack tune` on this machine")
-    parser.add_argument("--tune-args", default="--concurrency 1,4,8 --seconds 4 --objective balanced",
+    parser.add_argument("--tune-args", default="--targets cpu,intel --concurrency 1,4,8 --seconds 4 --rounds 2 --objective balanced",
                         help="options for the tune run when no --tune-report is given")
     parser.add_argument("--out", help="append the results as a Markdown section to this file")
     args = parser.parse_args()

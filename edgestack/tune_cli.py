@@ -148,7 +148,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     print(table(trials, concurrencies, chosen))
     print(f"\nchoice ({args.objective}): {reason}")
     context = {"spec": args.spec, "target": args.targets or spec.target, "cores": args.cores, "images": len(images),
-               "seconds per level": args.seconds, "rounds": args.rounds, "p99 SLO ms": args.p99_slo_ms, "energy": energy_note,
+               "seconds per level": args.seconds, "rounds": args.rounds, "p99 SLO ms": args.p99_slo_ms, "energy": energy_note.removeprefix("energy: "),
                "load average (1 min) at the end": f"{os.getloadavg()[0]:.2f}"}
     md, js = write_report(Path(args.report), trials, concurrencies, args.objective, chosen, reason, context)
     print(f"report: {md} and {js}")
