@@ -49,6 +49,7 @@ def target_for(spec: PipelineSpec, **overrides: object) -> TargetProfile:
         "detector_instances": runtime.detector_instances,
         "preprocess_instances": runtime.preprocess_instances,
         "intra_op_threads": runtime.intra_op_threads,
+        "detector_streams": runtime.detector_streams,
     }
     merged.update({k: v for k, v in overrides.items() if v is not None})
     target = make_target(spec.target, **merged)

@@ -47,7 +47,8 @@ def detector_settings(spec: PipelineSpec, target: TargetProfile, fixed_batch: in
     if target.detector_engine == "python_openvino":
         # The OpenVINO runner converts uint8 pixels itself (PrePostProcessor), with the spec's scaling.
         settings = dataclasses.replace(settings, runtime="openvino", device=target.device,
-                                       uint8_input=fuses_input(spec, target), input_spec=spec.input)
+                                       uint8_input=fuses_input(spec, target), input_spec=spec.input,
+                                       streams=target.detector_streams)
     return settings
 
 

@@ -87,6 +87,7 @@ class RuntimeSpec:
     detector_instances: int | None = None
     preprocess_instances: int | None = None
     intra_op_threads: int | None = None
+    detector_streams: int | None = None  # OpenVINO streams per detector instance (intel target)
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

@@ -26,6 +26,7 @@ class TargetProfile:
     router_instances: int = 1
     intra_op_threads: int = 1
     intra_op_spinning: bool = False  # ONNX Runtime's busy-waiting intra-op threads (backends/detector/onnx_runner.py)
+    detector_streams: int = 1  # OpenVINO streams per detector instance for batches (backends/detector/openvino_runner.py)
     max_batch_size: int = 8
     max_queue_delay_us: int = 0
     precision: str = "fp32"
@@ -48,6 +49,11 @@ class TargetProfile:
             raise TargetError(f"{self.name}: max_batch_size must be >= 1, got {self.max_batch_size}")
         if self.max_queue_delay_us < 0:
             raise TargetError(f"{self.name}: max_queue_delay_us must be >= 0, got {self.max_queue_delay_us}")
+        if not isinstance(self.detector_streams, int) or self.detector_streams < 1:
+            raise TargetError(f"{self.name}: detector_streams must be an integer >= 1, got {self.detector_streams!r}")
+        if self.detector_streams > 1 and self.detector_engine != "python_openvino":
+            raise TargetError(f"{self.name}: detector_streams (OpenVINO streams) only applies to the python_openvino "
+                              f"detector (the intel target), not {self.detector_engine}")
         if self.device and self.detector_engine != "python_openvino":
             raise TargetError(f"{self.name}: device {self.device!r} only applies to the python_openvino detector")
 

@@ -30,6 +30,9 @@ def _add_build_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-batch-size", type=int, help="override the target's max batch size")
     parser.add_argument("--detector-instances", type=int, help="override the detector's instance count")
     parser.add_argument("--intra-op-threads", type=int, help="inference threads per detector instance (CPU: ONNX Runtime intra-op, intel: OpenVINO)")
+    parser.add_argument("--detector-streams", type=int,
+                        help="intel target: OpenVINO streams per detector instance; a batch of several images runs "
+                             "that many at once, a single image still gets every thread (default 1)")
     parser.add_argument("--intra-op-spinning", action="store_true", default=None,
                         help="let ONNX Runtime's threads busy-wait between operators (faster with the cores to "
                              "itself, slower when they are shared; off by default)")
@@ -58,6 +61,7 @@ def build_from_args(args: argparse.Namespace) -> Path:
         spec = spec.replace(pipeline=PipelineChoice(**{**vars(spec.pipeline), "kind": args.pipeline}))
     target = target_for(spec, max_batch_size=args.max_batch_size, detector_instances=args.detector_instances,
                         intra_op_threads=args.intra_op_threads,
+                        detector_streams=getattr(args, "detector_streams", None),
                         intra_op_spinning=getattr(args, "intra_op_spinning", None))
     return render_pipeline(spec, Path(args.out), target, variant=variant, second_variant=second_variant)
 

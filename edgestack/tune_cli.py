@@ -1,7 +1,7 @@
 """`edgestack tune`: search the serving knobs on this device, measure each candidate, write the best repository.
 
 For every candidate of the search space (builder/tune/space.py: detector instances x intra-op threads x dynamic
-batching x preprocess/postprocess instances; on `intel` the detector instances are OpenVINO streams) the
+batching x preprocess/postprocess instances; on `intel` also OpenVINO streams per instance) the
 repository is rendered into a temporary folder, a real tritonserver serves it on free loopback ports, a closed-loop
 load runs at each concurrency asked over gRPC, and the server is stopped by PID. The objective picks the best
 (builder/tune/select.py), which is rendered into --out; the table of what was tried goes to --report.
@@ -10,6 +10,7 @@ load runs at each concurrency asked over gRPC, and the server is stopped by PID.
     edgestack tune --images DIR --objective throughput --p99-slo-ms 300 --concurrency 1,4,8
     edgestack tune --images DIR --detector-instances 1,2 --intra-op-threads 1,2 --queue-delay-us 0,2000
     edgestack tune --images DIR --targets cpu,intel      # ONNX Runtime and OpenVINO in one search
+    edgestack tune --images DIR --target intel --detector-instances 1 --intra-op-threads 2 --detector-streams 1,2
 """
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ from edgestack.inputs import DEFAULT_SPEC, image_folder
 
 FLAGS = {"detector_instances": "--detector-instances", "intra_op_threads": "--intra-op-threads",
          "max_batch_size": "--max-batch-size", "max_queue_delay_us": "--queue-delay-us",
-         "preprocess_instances": "--preprocess-instances", "postprocess_instances": "--postprocess-instances"}
+         "preprocess_instances": "--preprocess-instances", "postprocess_instances": "--postprocess-instances",
+         "detector_streams": "--detector-streams"}
 
 
 def _candidates(args: argparse.Namespace, spec_target: str) -> list:
@@ -191,7 +193,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
             "intra_op_threads": "threads per detector instance", "max_batch_size": "dynamic batching max batch size",
             "max_queue_delay_us": "dynamic batching max queue delay",
             "preprocess_instances": "preprocess instances ('auto': detector instances + 1)",
-            "postprocess_instances": "postprocess instances"}
+            "postprocess_instances": "postprocess instances",
+            "detector_streams": "OpenVINO streams per detector instance (intel)"}
     for dest, flag in FLAGS.items():
         parser.add_argument(flag, dest=dest, metavar="N,N", help=f"comma list of {what[dest]}")
     parser.add_argument("--spinning", metavar="off,on", help="ONNX Runtime spinning threads to try (default: off,on on "

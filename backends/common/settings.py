@@ -254,8 +254,10 @@ class DetectorSettings(JsonSettings):
     uint8_input: bool = False  # OpenVINO only: the compiled model converts uint8 pixels per input_spec
     input_spec: Optional[InputSpec] = None
     inference_precision: str = "f32"  # OpenVINO only
+    streams: int = 1  # OpenVINO only: a batch of several images runs this many at once, one per stream
 
     def __post_init__(self) -> None:
+        _require(_is_count(self.streams, 1), f"detector streams must be an integer >= 1, got {self.streams!r}")
         _require(isinstance(self.model_file, str) and bool(self.model_file), f"detector model_file must be a file name, got {self.model_file!r}")
         _require(isinstance(self.input_name, str) and bool(self.input_name), f"detector input_name must name a tensor, got {self.input_name!r}")
         object.__setattr__(self, "output_names", _names(self.output_names, "detector output_names"))

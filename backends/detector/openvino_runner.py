@@ -19,8 +19,10 @@ DEVICES = ("CPU", "AUTO")
 INFERENCE_PRECISIONS = ("f32", "bf16", "f16")
 
 
-def compile_config(device: str, threads: int, pin_threads: bool = False, inference_precision: str = "f32") -> dict[str, Any]:
-    """Latency-oriented settings: one stream, `threads` inference threads (0: OpenVINO decides).
+def compile_config(device: str, threads: int, pin_threads: bool = False, inference_precision: str = "f32",
+                   streams: int = 1) -> dict[str, Any]:
+    """Latency-oriented settings: one stream, `threads` inference threads (0: OpenVINO decides); with `streams` > 1
+    that many streams sharing the threads (throughput-oriented: one image per stream at a time).
 
     inference_precision is pinned to f32 by default: on CPUs with AVX512-BF16/AMX the plugin otherwise
     runs every float op in bf16, which rounds CenterNet's box coordinates (up to 512) to whole pixels
@@ -28,9 +30,11 @@ def compile_config(device: str, threads: int, pin_threads: bool = False, inferen
     """
     if inference_precision not in INFERENCE_PRECISIONS:
         raise ValueError(f"inference precision {inference_precision!r} is not one of {INFERENCE_PRECISIONS}")
+    if streams < 1:
+        raise ValueError(f"OpenVINO streams must be >= 1, got {streams}")
     cpu: dict[str, Any] = {
-        "PERFORMANCE_HINT": "LATENCY",
-        "NUM_STREAMS": 1,
+        "PERFORMANCE_HINT": "LATENCY" if streams == 1 else "THROUGHPUT",
+        "NUM_STREAMS": int(streams),
         "INFERENCE_PRECISION_HINT": inference_precision,
         # Several detector instances (separate processes) each pin to "their" first core otherwise,
         # which is the same core for all of them.
@@ -87,13 +91,21 @@ def add_uint8_input(model: "ov.Model", input_name: str, input_spec: Any = None) 
 
 
 class OpenVinoDetector:
-    """Runs the named outputs of an OpenVINO model on batches; a graph fixed at batch 1 is run image by image."""
+    """Runs the named outputs of an OpenVINO model on batches; a graph fixed at batch 1 is run image by image.
+
+    With `streams` > 1 the model is compiled a second time with that many streams sharing the threads: a batch of
+    several images (dynamic batching under concurrent load) runs that many images at once, one per stream, while a
+    single image (one camera, concurrency 1) still gets every thread of the one-stream model. One Triton instance
+    then serves both cases, which otherwise need two layouts (1 instance x N threads, N instances x 1 thread).
+    """
 
     def __init__(self, model_xml: str, input_name: str, output_names: str | Sequence[str], threads: int, device: str = "CPU",
                  uint8_input: bool = False, input_spec: Any = None, pin_threads: bool = False,
-                 inference_precision: str = "f32"):
+                 inference_precision: str = "f32", streams: int = 1):
         if device not in DEVICES:
             raise ValueError(f"OpenVINO device {device!r} is not one of {DEVICES}")
+        if streams < 1:
+            raise ValueError(f"OpenVINO streams must be >= 1, got {streams}")
         self.core = ov.Core()
         model = self.core.read_model(str(model_xml))
         if uint8_input:
@@ -103,6 +115,14 @@ class OpenVinoDetector:
         self.uint8_input = uint8_input
         self.compiled = self.core.compile_model(model, device, compile_config(device, threads, pin_threads, inference_precision))
         self.request = self.compiled.create_infer_request()
+        self.streams = streams
+        self.parallel = None  # the several-stream model and its requests, one per stream
+        if streams > 1:
+            parallel = self.core.compile_model(model, device, compile_config(device, threads, pin_threads,
+                                                                             inference_precision, streams))
+            self.parallel = ov.AsyncInferQueue(parallel, streams)
+            self.parallel_ports = [parallel.output(name) for name in self.output_names]
+            self.parallel_input = parallel.input(input_name)
         self.input_port = self.compiled.input(input_name)
         self.output_ports = [self.compiled.output(name) for name in self.output_names]
         shape = self.input_port.get_partial_shape()
@@ -122,15 +142,37 @@ class OpenVinoDetector:
         self.request.infer({self.input_port: np.ascontiguousarray(batch, dtype=self.dtype)}, share_inputs=True)
         return [self.request.get_tensor(port).data.copy() for port in self.output_ports]
 
-    def run_outputs(self, batch: np.ndarray) -> list[np.ndarray]:
-        """Every named output for the batch, in output_names order."""
-        self._check(batch)
+    def _infer_parallel(self, parts: list[np.ndarray]) -> list[list[np.ndarray]]:
+        """Each part on its own stream, as many at once as there are streams; outputs in part order."""
+        results: list = [None] * len(parts)
+
+        def done(request, index: int) -> None:
+            results[index] = [request.get_tensor(port).data.copy() for port in self.parallel_ports]
+
+        self.parallel.set_callback(done)
+        for index, part in enumerate(parts):
+            self.parallel.start_async({self.parallel_input: np.ascontiguousarray(part, dtype=self.dtype)}, index,
+                                      share_inputs=True)
+        self.parallel.wait_all()
+        return results
+
+    def _parts(self, batch: np.ndarray) -> list[np.ndarray]:
+        """The batch in the pieces the graph takes: its fixed batch, or one piece per stream for a dynamic graph."""
         if self.fixed_batch is None:
-            return self._infer(batch)
+            pieces = min(len(batch), self.streams if self.parallel is not None else 1)
+            return np.array_split(batch, max(pieces, 1))
         step = self.fixed_batch
         if len(batch) % step:
             raise InvalidTensorError(f"batch of {len(batch)} is not a multiple of the model's fixed batch {step}")
-        return concatenate_outputs([self._infer(batch[i:i + step]) for i in range(0, len(batch), step)])
+        return [batch[i:i + step] for i in range(0, len(batch), step)]
+
+    def run_outputs(self, batch: np.ndarray) -> list[np.ndarray]:
+        """Every named output for the batch, in output_names order."""
+        self._check(batch)
+        parts = self._parts(batch)
+        if self.parallel is not None and len(parts) > 1:
+            return concatenate_outputs(self._infer_parallel(parts))
+        return concatenate_outputs([self._infer(part) for part in parts])
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         return single_output(self.run_outputs(batch), self.output_names)

@@ -16,7 +16,7 @@ def make_detector(settings: DetectorSettings, model_path: str):
 
         return OpenVinoDetector(model_path, settings.input_name, settings.output_names, settings.intra_op_threads,
                                 device=settings.device, uint8_input=settings.uint8_input, input_spec=settings.input_spec,
-                                inference_precision=settings.inference_precision)
+                                inference_precision=settings.inference_precision, streams=settings.streams)
     from backends.detector.onnx_runner import OnnxDetector, make_session
 
     session = make_session(model_path, intra_op_threads=settings.intra_op_threads, spinning=settings.intra_op_spinning)

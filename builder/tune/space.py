@@ -4,8 +4,9 @@ A Candidate is a set of overrides accepted by builder.repository.target_for (and
 --detector-instances N --intra-op-threads N --max-batch-size N`). Thread counts are always explicit: a
 candidate never leaves ONNX Runtime or OpenVINO to choose (0 would mean "the runtime decides").
 
-On the `intel` target each detector instance is one OpenVINO compiled model with one stream
-(backends/detector/openvino_runner.py), so detector instances are the OpenVINO streams searched here. A search
+On the `intel` target each detector instance runs OpenVINO (backends/detector/openvino_runner.py): one stream with
+all its threads for a single image, and with `detector_streams` > 1 that many streams for a batch of several images
+(one image per stream), so a single instance can serve one camera and a busy server alike. A search
 over several CPU targets (`targets`) compares the runtimes too: ONNX Runtime (`cpu`) against OpenVINO (`intel`),
 the same FP32 model in both.
 """
@@ -30,6 +31,7 @@ class Candidate:
     postprocess_instances: int = 1
     intra_op_spinning: bool = False  # ONNX Runtime's busy-waiting threads (only matters with 2 threads or more)
     target: str | None = None  # None: the spec's target
+    detector_streams: int = 1  # OpenVINO streams per detector instance (intel)
 
     def __post_init__(self) -> None:
         if not isinstance(self.intra_op_spinning, bool):
@@ -57,14 +59,16 @@ class Candidate:
         pre = "auto" if self.preprocess_instances is None else self.preprocess_instances
         spin = " spin" if self.intra_op_spinning else ""
         on = f"{self.target}: " if self.target else ""
-        return (f"{on}det {self.detector_instances}x{self.intra_op_threads}t{spin}, batch {self.max_batch_size} "
+        streams = f" {self.detector_streams}s" if self.detector_streams > 1 else ""
+        return (f"{on}det {self.detector_instances}x{self.intra_op_threads}t{spin}{streams}, batch {self.max_batch_size} "
                 f"delay {self.max_queue_delay_us}us, pre {pre}, post {self.postprocess_instances}")
 
     def build_flags(self) -> str:
         """The `edgestack build` options for the knobs it has."""
         on = f"--target {self.target} " if self.target else ""
         return (f"{on}--detector-instances {self.detector_instances} --intra-op-threads {self.intra_op_threads} "
-                f"--max-batch-size {self.max_batch_size}" + (" --intra-op-spinning" if self.intra_op_spinning else ""))
+                f"--max-batch-size {self.max_batch_size}" + (" --intra-op-spinning" if self.intra_op_spinning else "")
+                + (f" --detector-streams {self.detector_streams}" if self.detector_streams > 1 else ""))
 
 
 @dataclass(frozen=True)
@@ -78,19 +82,23 @@ class SearchSpace:
     intra_op_spinning: tuple[bool, ...] = (False,)
     max_threads: int | None = None  # skip candidates whose instances x threads exceed this
     targets: tuple[str | None, ...] = (None,)  # None: the spec's target
+    detector_streams: tuple[int, ...] = (1,)  # OpenVINO streams per instance (intel only)
 
     def candidates(self) -> list[Candidate]:
         out = []
-        for target, det, threads, batch, delay, pre, post, spin in itertools.product(
+        for target, det, threads, batch, delay, pre, post, spin, streams in itertools.product(
                 self.targets, self.detector_instances, self.intra_op_threads, self.max_batch_size,
-                self.max_queue_delay_us, self.preprocess_instances, self.postprocess_instances, self.intra_op_spinning):
+                self.max_queue_delay_us, self.preprocess_instances, self.postprocess_instances, self.intra_op_spinning,
+                self.detector_streams):
             if self.max_threads is not None and det * threads > self.max_threads:
                 continue
             if batch == 1 and delay > 0:  # nothing to batch: the delay only adds latency
                 continue
             if spin and (threads == 1 or target == "intel"):  # one thread has no pool to spin; OpenVINO no knob
                 continue
-            out.append(Candidate(det, threads, batch, delay, pre, post, spin, target))
+            if streams > 1 and (streams > threads or batch == 1 or target == "cpu"):  # a thread per stream, a batch
+                continue  # to spread over them, and OpenVINO's
+            out.append(Candidate(det, threads, batch, delay, pre, post, spin, target, streams))
         if not out:
             raise TargetError(f"tune: the search space is empty (max_threads {self.max_threads}): {self}")
         return out
@@ -109,8 +117,9 @@ def default_space(target: str, cores: int, quick: bool = False) -> SearchSpace:
     if quick:
         return SearchSpace(levels, levels, max_threads=cores)
     spinning = (False, True) if target == "cpu" else (False,)
+    streams = levels if target == "intel" else (1,)
     return SearchSpace(detector_instances=levels, intra_op_threads=levels, max_queue_delay_us=(0, 2000),
-                       intra_op_spinning=spinning, max_threads=2 * cores)
+                       intra_op_spinning=spinning, max_threads=2 * cores, detector_streams=streams)
 
 
 def parse_levels(text: str, name: str, allow_auto: bool = False) -> tuple:

@@ -58,6 +58,23 @@ def test_a_candidate_on_another_target_renders_that_targets_runtime():
         Candidate(1, 1, target="nvidia-gpu")
 
 
+def test_openvino_streams_are_searched_on_intel_only_with_a_thread_each():
+    intel = default_space("intel", 2).candidates()
+    streamed = [c for c in intel if c.detector_streams > 1]
+    assert streamed and all(c.intra_op_threads >= c.detector_streams and c.max_batch_size > 1 for c in streamed)
+    assert not any(c.detector_streams > 1 for c in default_space("cpu", 2).candidates())
+    with pytest.raises(TargetError, match="empty"):
+        SearchSpace((1,), (2,), detector_streams=(2,), targets=("cpu",)).candidates()
+    spec = load_spec(SPEC)
+    cand = Candidate(1, 2, target="intel", detector_streams=2)
+    own = cand.spec_for(spec)
+    target = target_for(own, **cand.overrides())
+    assert (target.detector_streams, target.intra_op_threads) == (2, 2)
+    assert "1x2t 2s" in cand.label and "--detector-streams 2" in cand.build_flags()
+    with pytest.raises(TargetError, match="detector_streams"):
+        target_for(spec, **Candidate(1, 2, detector_streams=2).overrides())  # the spec's cpu target: ONNX Runtime
+
+
 def test_targets_search_both_runtimes_and_openvino_never_spins():
     from edgestack.tune_cli import _candidates, add_parser
     import argparse
