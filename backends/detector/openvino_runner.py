@@ -170,9 +170,12 @@ class OpenVinoDetector:
         """Every named output for the batch, in output_names order."""
         self._check(batch)
         parts = self._parts(batch)
-        if self.parallel is not None and len(parts) > 1:
-            return concatenate_outputs(self._infer_parallel(parts))
-        return concatenate_outputs([self._infer(part) for part in parts])
+        if self.parallel is None or len(parts) < 2:
+            return concatenate_outputs([self._infer(part) for part in parts])
+        # Whole waves on the streams; one image left over gets every thread rather than one stream's share.
+        spread = len(parts) - 1 if len(parts) % self.streams == 1 else len(parts)
+        outputs = self._infer_parallel(parts[:spread]) + [self._infer(part) for part in parts[spread:]]
+        return concatenate_outputs(outputs)
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         return single_output(self.run_outputs(batch), self.output_names)

@@ -32,6 +32,8 @@ def test_streams_give_the_outputs_of_one_image_at_a_time(spec, batch):
     # images keep their places: each row is that image's own answer, not a neighbour's
     for i in range(3):
         np.testing.assert_allclose(two.run_outputs(batch[i:i + 1])[0], expected[0][i:i + 1], rtol=1e-4, atol=1e-4)
+    # two images: one wave on the streams; three: a wave, then the one left over on every thread
+    np.testing.assert_allclose(two.run_outputs(batch[:2])[0], expected[0][:2], rtol=1e-4, atol=1e-4)
     reordered = two.run_outputs(batch[::-1].copy())
     np.testing.assert_allclose(reordered[0], expected[0][::-1], rtol=1e-4, atol=1e-4)
 
