@@ -15,7 +15,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 def test_tiny_search_writes_the_chosen_repository_and_it_serves(tmp_path, capsys):
     out, report = tmp_path / "tuned", tmp_path / "report"
     rc = cli.main(["tune", str(SPEC), "--images", str(IMAGES), "--targets", "cpu,intel", "--detector-instances", "1",
-                   "--intra-op-threads", "2", "--spinning", "off", "--queue-delay-us", "0", "--concurrency", "1,2",
+                   "--intra-op-threads", "2", "--detector-streams", "1", "--spinning", "off", "--queue-delay-us", "0",
+                   "--concurrency", "1,2",
                    "--seconds", "1", "--warmup", "0.2",
                    "--objective", "latency", "--out", str(out), "--report", str(report)])
     printed = capsys.readouterr().out

@@ -231,6 +231,7 @@ def test_cpu_detector_config(spec, cpu_repo):
         "uint8_input": False,
         "input_spec": None,
         "inference_precision": "f32",
+        "streams": 1,
     }
     assert DetectorSettings.from_json(detector.parameters[steps.CONFIG_PARAMETER]).output_names == (spec.output.name,)
     assert detector.max_batch_size == 8  # the Python runner splits batches for the fixed-batch graph
