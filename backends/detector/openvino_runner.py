@@ -44,7 +44,7 @@ def compile_config(device: str, threads: int, pin_threads: bool = False, inferen
         cpu["INFERENCE_NUM_THREADS"] = int(threads)
     if device == "CPU":
         return cpu
-    return {"PERFORMANCE_HINT": "LATENCY", "DEVICE_PROPERTIES": {"CPU": cpu}}
+    return {"PERFORMANCE_HINT": cpu["PERFORMANCE_HINT"], "DEVICE_PROPERTIES": {"CPU": cpu}}
 
 
 def _spec_value(spec: Any, name: str, default: Any) -> Any:

@@ -42,6 +42,9 @@ def test_stream_settings():
     assert compile_config("CPU", 2)["NUM_STREAMS"] == 1 and compile_config("CPU", 2)["PERFORMANCE_HINT"] == "LATENCY"
     several = compile_config("CPU", 2, streams=2)
     assert several["NUM_STREAMS"] == 2 and several["INFERENCE_NUM_THREADS"] == 2
+    auto = compile_config("AUTO", 2, streams=2)
+    assert auto["PERFORMANCE_HINT"] == "THROUGHPUT" and auto["DEVICE_PROPERTIES"]["CPU"]["NUM_STREAMS"] == 2
+    assert compile_config("AUTO", 2)["PERFORMANCE_HINT"] == "LATENCY"
     with pytest.raises(ValueError, match="streams"):
         compile_config("CPU", 2, streams=0)
     with pytest.raises(ValueError, match="streams"):
