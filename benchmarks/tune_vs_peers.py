@@ -74,31 +74,30 @@ def spread(passes: list[Level]) -> tuple[float, float]:
     return min(lv.images_per_s for lv in passes), max(lv.images_per_s for lv in passes)
 
 
-def verdict(tuned: list[Level], peer: list[Level]) -> str:
+def verdict(tuned: Level, peer: Level, tuned_range: tuple[float, float], peer_range: tuple[float, float],
+            passes: int) -> str:
     """meets / MISSES on the median passes; with several passes, 'within spread' when the two throughput ranges
-    overlap and the medians disagree with the goal by less than the ranges: the run does not resolve it."""
-    t, p = median_pass(tuned), median_pass(peer)
-    ok = t.images_per_s >= p.images_per_s and t.p99_ms <= p.p99_ms
-    if len(tuned) < 2 or ok:
-        return "meets" if ok else "MISSES"
-    (t_low, t_high), (p_low, p_high) = spread(tuned), spread(peer)
-    return "MISSES (within spread)" if t_high >= p_low and p_high >= t_low else "MISSES"
+    overlap: the run does not resolve it."""
+    if tuned.images_per_s >= peer.images_per_s and tuned.p99_ms <= peer.p99_ms:
+        return "meets"
+    overlap = tuned_range[1] >= peer_range[0] and peer_range[1] >= tuned_range[0]
+    return "MISSES (within spread)" if passes > 1 and overlap else "MISSES"
 
 
-def verdicts(passes: dict[str, dict[int, list[Level]]], levels: list[int]) -> list[str]:
+def verdicts(passes: dict[str, dict[int, list[Level]]], results: dict[str, dict[int, Level]],
+             levels: list[int]) -> list[str]:
     lines = []
     for c in levels:
-        results = {n: median_pass(passes[n][c]) for n in passes}
-        tuned = results["triton-tuned"]
-        best = max(PEERS, key=lambda n: results[n].images_per_s)
-        peer = results[best]
+        tuned = results["triton-tuned"][c]
+        best = max(PEERS, key=lambda n: results[n][c].images_per_s)
+        peer = results[best][c]
         ratio = tuned.images_per_s / peer.images_per_s if peer.images_per_s else float("nan")
-        base = results["triton-default"].images_per_s
+        base = results["triton-default"][c].images_per_s
         (t_low, t_high), (p_low, p_high) = spread(passes["triton-tuned"][c]), spread(passes[best][c])
         lines.append(f"| {c} | {best} | {peer.images_per_s:.2f} ({p_low:.1f}-{p_high:.1f}) | {peer.p99_ms:.1f} | "
                      f"{tuned.images_per_s:.2f} ({t_low:.1f}-{t_high:.1f}) | {tuned.p99_ms:.1f} | {ratio:.3f}x | "
                      f"{tuned.p99_ms / peer.p99_ms:.3f}x | {tuned.images_per_s / base:.3f}x | "
-                     f"{verdict(passes['triton-tuned'][c], passes[best][c])} |")
+                     f"{verdict(tuned, peer, (t_low, t_high), (p_low, p_high), len(passes[best][c]))} |")
     return lines
 
 
@@ -118,6 +117,8 @@ def main() -> int:
                         help="options for the tune run when no --tune-report is given")
     parser.add_argument("--out", help="append the results as a Markdown section to this file")
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error(f"--rounds must be >= 1, got {args.rounds}")
 
     spec = load_spec(args.spec)
     images = [p.read_bytes() for p in image_files(Path(args.images))]
@@ -148,7 +149,7 @@ def main() -> int:
             for make in senders.values():
                 closed_loop(make, images, max(levels), args.warmup)
             for c in levels:
-                for r in range(max(args.rounds, 1)):
+                for r in range(args.rounds):
                     for name, make in (list(senders.items()) if r % 2 == 0 else list(senders.items())[::-1]):
                         level = closed_loop(make, images, c, args.seconds)
                         passes[name][c].append(level)
@@ -160,13 +161,12 @@ def main() -> int:
                 server.stop()
         load_after = os.getloadavg()[0]
     results = {n: {c: median_pass(passes[n][c]) for c in levels} for n in SYSTEMS}
-    rounds = max(args.rounds, 1)
 
     tuned_target = targets["triton-tuned"]
     lines = [
         f"### Tuned Triton vs every peer configuration ({datetime.date.today()}, {platform.machine()}, {CORES} cores, "
-        f"{len(images)} images, {args.seconds:g} s per level" + (f" x {rounds} interleaved passes (median pass; "
-                                                                   f"range of the passes in brackets)" if rounds > 1 else "")
+        f"{len(images)} images, {args.seconds:g} s per level" + (f" x {args.rounds} interleaved passes (median pass; "
+                                                                   f"range of the passes in brackets)" if args.rounds > 1 else "")
         + ", `python benchmarks/tune_vs_peers.py`)",
         "",
         f"- triton-tuned: `edgestack tune`'s choice, {candidate.label} "
@@ -190,7 +190,7 @@ def main() -> int:
         "| concurrency | best peer | its img/s | its p99 ms | tuned img/s | tuned p99 ms | throughput vs peer "
         "| p99 vs peer | tuned vs default | goal (>= 1.0x, p99 <=) |",
         "|---|---|---|---|---|---|---|---|---|---|",
-        *verdicts(passes, levels),
+        *verdicts(passes, results, levels),
         "",
         f"Errors: { {n: sum(lv.errors for runs in r.values() for lv in runs) for n, r in passes.items()} }.",
         "",
