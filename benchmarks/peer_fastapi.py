@@ -45,7 +45,7 @@ from backends.common.files import image_files  # noqa: E402
 from builder.repository import render_repository, target_for  # noqa: E402
 from builder.spec import load_spec  # noqa: E402
 from builder.tune.measure import Level, closed_loop  # noqa: E402,F401 - tune_vs_peers imports them from here
-from edgestack.client import DetectionClient  # noqa: E402
+from edgestack.client import LOAD_PROTOCOLS, sender_factory  # noqa: E402
 from edgestack.server import TritonServer, free_port, stop_process_group  # noqa: E402
 
 THROUGHPUT_TARGET = 0.95  # Triton / peer-tuned images per second, at the highest concurrency
@@ -147,17 +147,10 @@ def http_sender(port: int) -> Callable[[], Callable[[bytes], object]]:
     return make
 
 
-def grpc_sender(url: str, model: str) -> Callable[[], Callable[[bytes], object]]:
-    def make() -> Callable[[bytes], object]:
-        client = DetectionClient(url, "grpc", model)
-
-        def send(data: bytes) -> object:
-            return client.detect(data)
-
-        send.close = client.close  # type: ignore[attr-defined]
-        return send
-
-    return make
+def triton_sender(server: TritonServer, model: str, protocol: str = LOAD_PROTOCOLS[0]) -> Callable[[], Callable[[bytes], object]]:
+    """Per-thread sender factory for Triton; by default one keep-alive HTTP/1.1 connection per thread, as the
+    peers get (edgestack.client.KeepAliveHttpClient)."""
+    return sender_factory(server, protocol, model)
 
 
 # ---- sanity: same model, same answers ----------------------------------------------------------------
@@ -200,6 +193,9 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=CORES, help=f"peer-tuned uvicorn workers (default: cores = {CORES})")
     parser.add_argument("--systems", default=",".join(SYSTEMS),
                         help=f"comma-separated subset of {','.join(SYSTEMS)}; triton and peer-tuned are always run")
+    parser.add_argument("--triton-protocol", choices=LOAD_PROTOCOLS, default=LOAD_PROTOCOLS[0],
+                        help="how the load generator talks to Triton: http-keepalive (default, as to the peers) or "
+                             "tritonclient's grpc / http")
     parser.add_argument("--out", help="append the results as a Markdown section to this file")
     args = parser.parse_args()
 
@@ -227,7 +223,7 @@ def main() -> int:
             for peer in peers.values():
                 peer.start()
                 started.append(peer)
-            senders = {"triton": grpc_sender(triton.grpc_url, spec.name),
+            senders = {"triton": triton_sender(triton, spec.name, args.triton_protocol),
                        **{n: http_sender(peer.port) for n, peer in peers.items()}}
             print(f"tritonserver pid {triton.pid} grpc {triton.grpc_url}; target {target.name}: "
                   f"{json.dumps(dataclasses.asdict(target))}", flush=True)
@@ -269,7 +265,7 @@ def main() -> int:
     ]
     lines += [f"- {name}: `{peer.describe()}`" for name, peer in peers.items()]
     lines += [
-        "- Peers: HTTP/1.1 keep-alive, one connection per thread; `python -m benchmarks.fastapi_peer_app` works around "
+        f"- Triton over {args.triton_protocol}. Peers: HTTP/1.1 keep-alive, one connection per thread; `python -m benchmarks.fastapi_peer_app` works around "
         "uvicorn's lost TCP_NODELAY with --workers > 1 (Kludex/uvicorn#3149), the stock command line does not.",
         f"- Outputs agree on {agree}/{len(images)} images. Closed loop, load generator in the same process, "
         f"on the same cores as the servers. 1-min load average before the run: {load_before:.2f}, "

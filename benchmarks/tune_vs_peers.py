@@ -35,9 +35,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from backends.common.files import image_files  # noqa: E402
-from benchmarks.peer_fastapi import (CORES, Level, closed_loop, grpc_sender, http_sender,  # noqa: E402
+from benchmarks.peer_fastapi import (CORES, Level, closed_loop, http_sender, triton_sender,  # noqa: E402
                                      make_peers, outputs_agree)
 from benchmarks.sections import replace_section  # noqa: E402
+from edgestack.client import LOAD_PROTOCOLS  # noqa: E402
 from builder.repository import target_for  # noqa: E402
 from builder.spec import load_spec  # noqa: E402
 from builder.tune.space import Candidate  # noqa: E402
@@ -115,6 +116,9 @@ def main() -> int:
     parser.add_argument("--tune-report", help="tune_report.json of an earlier `edgestack tune` on this machine")
     parser.add_argument("--tune-args", default="--targets cpu,intel --concurrency 1,4,8 --seconds 4 --rounds 2 --objective balanced",
                         help="options for the tune run when no --tune-report is given")
+    parser.add_argument("--triton-protocol", choices=LOAD_PROTOCOLS, default=LOAD_PROTOCOLS[0],
+                        help="how the load generator talks to Triton: http-keepalive (default, as to the peers) or "
+                             "tritonclient's grpc / http")
     parser.add_argument("--out", help="append the results as a Markdown section to this file")
     args = parser.parse_args()
     if args.rounds < 1:
@@ -140,7 +144,7 @@ def main() -> int:
             for server in [*tritons.values(), *peers.values()]:
                 server.start()
                 started.append(server)
-            senders = {**{n: grpc_sender(s.grpc_url, spec.name) for n, s in tritons.items()},
+            senders = {**{n: triton_sender(s, spec.name, args.triton_protocol) for n, s in tritons.items()},
                        **{n: http_sender(p.port) for n, p in peers.items()}}
             check_triton, check_peer = senders["triton-tuned"](), senders["peer-tuned"]()
             agree = sum(outputs_agree(check_triton(img), check_peer(img)) for img in images)
@@ -174,7 +178,7 @@ def main() -> int:
         f"- triton-default: the builder's defaults for the spec's target ({spec.target}). Peers as in benchmarks/peer_fastapi.py: "
         + "; ".join(f"{n}: `{p.describe()}`" for n, p in peers.items()) + ".",
         f"- Outputs agree on {agree}/{len(images)} images. Closed loop, load generator in the same process, on the "
-        f"same cores. 1-min load average before the measurement {load_before:.2f}, after {load_after:.2f}"
+        f"same cores; to Triton over {args.triton_protocol}, to the peers over HTTP/1.1 keep-alive. 1-min load average before the measurement {load_before:.2f}, after {load_after:.2f}"
         + (" (not idle when it started: a load average over half the cores; on a machine shared with other work the "
            "ratios of the same run are what to compare)" if load_before > CORES / 2 else "")
         + ".",
