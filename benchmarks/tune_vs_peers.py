@@ -13,8 +13,12 @@
                     the same peer with OpenVINO running the same FP32 model (one worker per core, one thread each;
                     one worker on every core): the like-for-like peers when the tune picks the `intel` target
 
-All servers run for the whole measurement; each level measures every system in turn (interleaved), so drift
-hits all alike. Goal (issue #14): triton-tuned >= 1.0x the best peer's throughput at every concurrency, with p99
+All servers run for the whole measurement; each level measures every system in turn (interleaved; the tuned one in
+the middle of the pass, the order reversed every other pass), so drift hits all alike. With --rounds N the median
+pass counts, and the passes are also compared pair by pair: in how many the tuned system was ahead of the best peer,
+with a one-sided sign test (this machine's own speed moves by up to a third for spells of seconds:
+benchmarks/machine_modes.py; a pair of slots in one pass sees the same spell far more often than two medians do).
+Load: Triton over keep-alive HTTP/1.1 by default, as the peers (--triton-protocol). Goal (issue #14): triton-tuned >= 1.0x the best peer's throughput at every concurrency, with p99
 <= that peer's p99. The 1-minute load average before and after is printed: on a shared machine the absolute
 numbers move, the ratios within the run are what to read. Not a test: it prints numbers (--out appends Markdown).
 """

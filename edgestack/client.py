@@ -87,7 +87,32 @@ def results_from_arrays(arrays: dict[str, np.ndarray]) -> list[DetectionResult]:
     return results
 
 
-class DetectionClient:
+class _EnsembleClient:
+    """detect / detect_batch / with-statement over a subclass's infer_arrays and close."""
+
+    def infer_arrays(self, images: Sequence[bytes]) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def detect(self, image: bytes) -> DetectionResult:
+        """One image; ClientError when the server refuses it (its message says why)."""
+        return results_from_arrays(self.infer_arrays([image]))[0]
+
+    def detect_batch(self, images: Sequence[bytes]) -> list[DetectionResult]:
+        """Several images in one request, one result each: a bad image fails only itself (its result's error says
+        why, by index); ClientError when the request fails as a whole (every image bad, or the server busy)."""
+        return results_from_arrays(self.infer_arrays(images))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class DetectionClient(_EnsembleClient):
     """`detect(image_bytes)` against the ensemble at url (host:port) over grpc or http."""
 
     def __init__(self, url: str, protocol: str = "grpc", model: str = "detect", timeout_s: float = 30.0):
@@ -108,15 +133,6 @@ class DetectionClient:
             raise ClientError(exc.message() or str(exc), exc.status()) from exc
         return {name: result.as_numpy(name) for name in OUTPUTS}
 
-    def detect(self, image: bytes) -> DetectionResult:
-        """One image; ClientError when the server refuses it (its message says why)."""
-        return results_from_arrays(self.infer_arrays([image]))[0]
-
-    def detect_batch(self, images: Sequence[bytes]) -> list[DetectionResult]:
-        """Several images in one request, one result each: a bad image fails only itself (its result's error says
-        why, by index); ClientError when the request fails as a whole (every image bad, or the server busy)."""
-        return results_from_arrays(self.infer_arrays(images))
-
     def is_ready(self) -> bool:
         try:
             return bool(self._client.is_model_ready(self.model))
@@ -126,14 +142,8 @@ class DetectionClient:
     def close(self) -> None:
         self._client.close()
 
-    def __enter__(self) -> "DetectionClient":
-        return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-class KeepAliveHttpClient:
+class KeepAliveHttpClient(_EnsembleClient):
     """DetectionClient's `detect` over one keep-alive HTTP/1.1 connection (http.client), the request built and the
     answer parsed by tritonclient.http's own functions (KServe v2 with binary tensors). One per thread.
 
@@ -171,20 +181,8 @@ class KeepAliveHttpClient:
         result = self._http.InferenceServerClient.parse_response_body(data, header_length=int(length) if length else None)
         return {name: result.as_numpy(name) for name in OUTPUTS}
 
-    def detect(self, image: bytes) -> DetectionResult:
-        return results_from_arrays(self.infer_arrays([image]))[0]
-
-    def detect_batch(self, images: Sequence[bytes]) -> list[DetectionResult]:
-        return results_from_arrays(self.infer_arrays(images))
-
     def close(self) -> None:
         self._conn.close()
-
-    def __enter__(self) -> "KeepAliveHttpClient":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def make_client(server: Any, protocol: str, model: str = "detect", timeout_s: float = 30.0):

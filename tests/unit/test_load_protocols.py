@@ -26,3 +26,13 @@ def test_the_keepalive_client_connects_lazily_to_the_server_http_port():
     client = make_client(_Server(), "http-keepalive", model="m")
     assert (client._conn.host, client._conn.port, client.model) == ("127.0.0.1", 1, "m")
     client.close()
+
+
+def test_edgestack_tune_loads_over_keepalive_http_unless_told():
+    from edgestack.cli import make_parser
+
+    parser = make_parser()
+    assert parser.parse_args(["tune", "--images", "imgs"]).protocol == "http-keepalive"
+    assert parser.parse_args(["tune", "--images", "imgs", "--protocol", "grpc"]).protocol == "grpc"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["tune", "--images", "imgs", "--protocol", "quic"])
