@@ -14,11 +14,13 @@
                     one worker on every core): the like-for-like peers when the tune picks the `intel` target
 
 All servers run for the whole measurement; each level measures every system in turn (interleaved; the tuned one in
-the middle of the pass, the order reversed every other pass), so drift hits all alike. With --rounds N the median
-pass counts, and the passes are also compared pair by pair: in how many the tuned system was ahead of the best peer,
-with a one-sided sign test (this machine's own speed moves by up to a third for spells of seconds:
+the middle of the pass, the order reversed every other pass), so drift hits all alike. With --rounds N each level's
+medians over the passes count (throughput, p50 and p99, each its own median), and the passes are also compared pair
+by pair: in how many the tuned system answered more images/s than the best peer (one-sided sign test) and in how
+many its p99 was lower (this machine's own speed moves by up to a third for spells of seconds:
 benchmarks/machine_modes.py; a pair of slots in one pass sees the same spell far more often than two medians do).
-Load: Triton over keep-alive HTTP/1.1 by default, as the peers (--triton-protocol). Goal (issue #14): triton-tuned >= 1.0x the best peer's throughput at every concurrency, with p99
+Load: Triton over keep-alive HTTP/1.1 by default, as the peers (--triton-protocol).
+Goal (issue #14): triton-tuned >= 1.0x the best peer's throughput at every concurrency, with p99
 <= that peer's p99. The 1-minute load average before and after is printed: on a shared machine the absolute
 numbers move, the ratios within the run are what to read. Not a test: it prints numbers (--out appends Markdown).
 """
@@ -31,6 +33,7 @@ import json
 import os
 import platform
 import shlex
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -74,29 +77,35 @@ def tuned_candidate(args: argparse.Namespace, tmp: Path) -> tuple[Candidate, str
     return Candidate(**data["chosen"]["candidate"]), f"{report} ({data['objective']}: {data['reason']})"
 
 
-def median_pass(passes: list[Level]) -> Level:
-    """The pass with the median throughput (the lower median of an even count: no lucky pass decides)."""
-    return sorted(passes, key=lambda lv: lv.images_per_s)[(len(passes) - 1) // 2]
+def median_level(passes: list[Level]) -> Level:
+    """One level of one system over its passes: the median throughput, the median p50 and the median p99 of the
+    passes, each its own median (the p99 of whichever pass had the median throughput is nearly one request's time,
+    picked by another statistic); requests, errors and seconds summed."""
+    return Level(passes[0].concurrency, sum(lv.requests for lv in passes), sum(lv.errors for lv in passes),
+                 sum(lv.seconds for lv in passes), statistics.median(lv.images_per_s for lv in passes),
+                 statistics.median(lv.p50_ms for lv in passes), statistics.median(lv.p99_ms for lv in passes))
 
 
 def spread(passes: list[Level]) -> tuple[float, float]:
     return min(lv.images_per_s for lv in passes), max(lv.images_per_s for lv in passes)
 
 
-def paired(tuned_passes: list[Level], peer_passes: list[Level]) -> tuple[int, int, float]:
+def paired(tuned_passes: list[Level], peer_passes: list[Level]) -> tuple[int, int, float, int]:
     """Round by round (the two measured in the same interleaved pass, so the machine's slow and fast spells hit both):
-    in how many passes the tuned system answered more images/s, of how many, and the one-sided sign test's p-value
-    for "ahead in at least that many" if neither were faster (ties count as not ahead)."""
+    in how many passes the tuned system answered more images/s, of how many, the one-sided sign test's p-value for
+    "ahead in at least that many" if neither were faster (ties count as not ahead), and in how many its p99 was lower."""
     from scipy.stats import binomtest
 
-    n = min(len(tuned_passes), len(peer_passes))
-    ahead = sum(t.images_per_s > p.images_per_s for t, p in zip(tuned_passes, peer_passes))
-    return ahead, n, float(binomtest(ahead, n, 0.5, alternative="greater").pvalue) if n else float("nan")
+    pairs = list(zip(tuned_passes, peer_passes))
+    ahead = sum(t.images_per_s > p.images_per_s for t, p in pairs)
+    lower_p99 = sum(t.p99_ms < p.p99_ms for t, p in pairs)
+    p_value = float(binomtest(ahead, len(pairs), 0.5, alternative="greater").pvalue) if pairs else float("nan")
+    return ahead, len(pairs), p_value, lower_p99
 
 
 def verdict(tuned: Level, peer: Level, tuned_range: tuple[float, float], peer_range: tuple[float, float],
             passes: int) -> str:
-    """meets / MISSES on the median passes; with several passes, 'within spread' when the two throughput ranges
+    """meets / MISSES on the medians over the passes; with several passes, 'within spread' when the two throughput ranges
     overlap: the run does not resolve it."""
     if tuned.images_per_s >= peer.images_per_s and tuned.p99_ms <= peer.p99_ms:
         return "meets"
@@ -114,10 +123,10 @@ def verdicts(passes: dict[str, dict[int, list[Level]]], results: dict[str, dict[
         ratio = tuned.images_per_s / peer.images_per_s if peer.images_per_s else float("nan")
         base = results["triton-default"][c].images_per_s
         (t_low, t_high), (p_low, p_high) = spread(passes["triton-tuned"][c]), spread(passes[best][c])
-        ahead, n, p_value = paired(passes["triton-tuned"][c], passes[best][c])
+        ahead, n, p_value, lower_p99 = paired(passes["triton-tuned"][c], passes[best][c])
         lines.append(f"| {c} | {best} | {peer.images_per_s:.2f} ({p_low:.1f}-{p_high:.1f}) | {peer.p99_ms:.1f} | "
                      f"{tuned.images_per_s:.2f} ({t_low:.1f}-{t_high:.1f}) | {tuned.p99_ms:.1f} | {ratio:.3f}x | "
-                     f"{tuned.p99_ms / peer.p99_ms:.3f}x | {ahead}/{n} (p {p_value:.3f}) | {tuned.images_per_s / base:.3f}x | "
+                     f"{tuned.p99_ms / peer.p99_ms:.3f}x | {ahead}/{n} (p {p_value:.3f}); p99 {lower_p99}/{n} | {tuned.images_per_s / base:.3f}x | "
                      f"{verdict(tuned, peer, (t_low, t_high), (p_low, p_high), len(passes[best][c]))} |")
     return lines
 
@@ -130,7 +139,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=10.0, help="duration of each level per system and pass")
     parser.add_argument("--rounds", type=int, default=1,
                         help="passes per level, the systems interleaved in each (order reversed every other pass); "
-                             "the median pass counts and the range is shown (3 or more on a noisy machine)")
+                             "per level the medians over the passes count (throughput, p50, p99 each) and the range is shown (3 or more on a noisy machine)")
     parser.add_argument("--warmup", type=float, default=2.0, help="seconds of unmeasured load per system first")
     parser.add_argument("--workers", type=int, default=CORES, help=f"peer-tuned uvicorn workers (default {CORES})")
     parser.add_argument("--tune-report", help="tune_report.json of an earlier `edgestack tune` on this machine")
@@ -185,12 +194,12 @@ def main() -> int:
             for server in reversed(started):
                 server.stop()
         load_after = os.getloadavg()[0]
-    results = {n: {c: median_pass(passes[n][c]) for c in levels} for n in SYSTEMS}
+    results = {n: {c: median_level(passes[n][c]) for c in levels} for n in SYSTEMS}
 
     tuned_target = targets["triton-tuned"]
     lines = [
         f"### Tuned Triton vs every peer configuration ({datetime.date.today()}, {platform.machine()}, {CORES} cores, "
-        f"{len(images)} images, {args.seconds:g} s per level" + (f" x {args.rounds} interleaved passes (median pass; "
+        f"{len(images)} images, {args.seconds:g} s per level" + (f" x {args.rounds} interleaved passes (medians over the passes; "
                                                                    f"range of the passes in brackets)" if args.rounds > 1 else "")
         + ", `python benchmarks/tune_vs_peers.py`)",
         "",
@@ -213,7 +222,7 @@ def main() -> int:
     lines += [
         "",
         "| concurrency | best peer | its img/s | its p99 ms | tuned img/s | tuned p99 ms | throughput vs peer "
-        "| p99 vs peer | tuned ahead in passes (sign test) | tuned vs default | goal (>= 1.0x, p99 <=) |",
+        "| p99 vs peer | passes: tuned more img/s (sign test); lower p99 | tuned vs default | goal (>= 1.0x, p99 <=) |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
         *verdicts(passes, results, levels),
         "",
