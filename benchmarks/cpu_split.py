@@ -26,8 +26,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from backends.common.files import image_files  # noqa: E402
-from benchmarks.peer_fastapi import CORES, Level, closed_loop, http_sender, make_peers, triton_sender  # noqa: E402
-from edgestack.client import LOAD_PROTOCOLS  # noqa: E402
+from benchmarks.peer_fastapi import CORES, Level, closed_loop, http_sender, make_peers, add_triton_protocol_option  # noqa: E402
+from edgestack.client import sender_factory  # noqa: E402
 from benchmarks.sections import replace_section  # noqa: E402
 from builder.repository import target_for  # noqa: E402
 from builder.spec import load_spec  # noqa: E402
@@ -101,9 +101,7 @@ def main() -> int:
     parser.add_argument("--concurrency", default="1,8")
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--warmup", type=float, default=2.0)
-    parser.add_argument("--triton-protocol", choices=LOAD_PROTOCOLS, default=LOAD_PROTOCOLS[0],
-                        help="how the load generator talks to Triton: http-keepalive (default, as to the peers) or "
-                             "tritonclient's grpc / http")
+    add_triton_protocol_option(parser)
     parser.add_argument("--out", help="write the tables as this benchmark's section of this Markdown file")
     args = parser.parse_args()
 
@@ -119,7 +117,7 @@ def main() -> int:
             target = target_for(spec, detector_instances=instances, intra_op_threads=threads)
             name = f"triton {layout}"
             with TritonServer(render_pipeline(spec, tmp / layout, target), log_path=tmp / f"{layout}.log") as server:
-                make = triton_sender(server, spec.name, args.triton_protocol)
+                make = sender_factory(server, args.triton_protocol, spec.name)
                 closed_loop(make, images, max(levels), args.warmup)
                 results[name] = {c: measure(make, server.pid, images, c, args.seconds) for c in levels}
             print("\n".join(table(name, results[name])), flush=True)

@@ -147,10 +147,11 @@ def http_sender(port: int) -> Callable[[], Callable[[bytes], object]]:
     return make
 
 
-def triton_sender(server: TritonServer, model: str, protocol: str = LOAD_PROTOCOLS[0]) -> Callable[[], Callable[[bytes], object]]:
-    """Per-thread sender factory for Triton; by default one keep-alive HTTP/1.1 connection per thread, as the
-    peers get (edgestack.client.KeepAliveHttpClient)."""
-    return sender_factory(server, protocol, model)
+def add_triton_protocol_option(parser: argparse.ArgumentParser) -> None:
+    """--triton-protocol: how the load generator talks to Triton (edgestack.client.sender_factory)."""
+    parser.add_argument("--triton-protocol", choices=LOAD_PROTOCOLS, default=LOAD_PROTOCOLS[0],
+                        help="how the load generator talks to Triton: http-keepalive (default, as to the peers) or "
+                             "tritonclient's grpc / http")
 
 
 # ---- sanity: same model, same answers ----------------------------------------------------------------
@@ -193,9 +194,7 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=CORES, help=f"peer-tuned uvicorn workers (default: cores = {CORES})")
     parser.add_argument("--systems", default=",".join(SYSTEMS),
                         help=f"comma-separated subset of {','.join(SYSTEMS)}; triton and peer-tuned are always run")
-    parser.add_argument("--triton-protocol", choices=LOAD_PROTOCOLS, default=LOAD_PROTOCOLS[0],
-                        help="how the load generator talks to Triton: http-keepalive (default, as to the peers) or "
-                             "tritonclient's grpc / http")
+    add_triton_protocol_option(parser)
     parser.add_argument("--out", help="append the results as a Markdown section to this file")
     args = parser.parse_args()
 
@@ -223,7 +222,7 @@ def main() -> int:
             for peer in peers.values():
                 peer.start()
                 started.append(peer)
-            senders = {"triton": triton_sender(triton, spec.name, args.triton_protocol),
+            senders = {"triton": sender_factory(triton, args.triton_protocol, spec.name),
                        **{n: http_sender(peer.port) for n, peer in peers.items()}}
             print(f"tritonserver pid {triton.pid} grpc {triton.grpc_url}; target {target.name}: "
                   f"{json.dumps(dataclasses.asdict(target))}", flush=True)

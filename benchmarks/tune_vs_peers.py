@@ -42,10 +42,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from backends.common.files import image_files  # noqa: E402
-from benchmarks.peer_fastapi import (CORES, Level, closed_loop, http_sender, triton_sender,  # noqa: E402
+from benchmarks.peer_fastapi import (CORES, Level, closed_loop, http_sender, add_triton_protocol_option,  # noqa: E402
                                      make_peers, outputs_agree)
 from benchmarks.sections import replace_section  # noqa: E402
-from edgestack.client import LOAD_PROTOCOLS  # noqa: E402
+from edgestack.client import sender_factory  # noqa: E402
 from builder.repository import target_for  # noqa: E402
 from builder.spec import load_spec  # noqa: E402
 from builder.tune.space import Candidate  # noqa: E402
@@ -145,9 +145,7 @@ def main() -> int:
     parser.add_argument("--tune-report", help="tune_report.json of an earlier `edgestack tune` on this machine")
     parser.add_argument("--tune-args", default="--targets cpu,intel --concurrency 1,4,8 --seconds 4 --rounds 2 --objective balanced",
                         help="options for the tune run when no --tune-report is given")
-    parser.add_argument("--triton-protocol", choices=LOAD_PROTOCOLS, default=LOAD_PROTOCOLS[0],
-                        help="how the load generator talks to Triton: http-keepalive (default, as to the peers) or "
-                             "tritonclient's grpc / http")
+    add_triton_protocol_option(parser)
     parser.add_argument("--out", help="append the results as a Markdown section to this file")
     args = parser.parse_args()
     if args.rounds < 1:
@@ -173,7 +171,7 @@ def main() -> int:
             for server in [*tritons.values(), *peers.values()]:
                 server.start()
                 started.append(server)
-            senders = {**{n: triton_sender(s, spec.name, args.triton_protocol) for n, s in tritons.items()},
+            senders = {**{n: sender_factory(s, args.triton_protocol, spec.name) for n, s in tritons.items()},
                        **{n: http_sender(p.port) for n, p in peers.items()}}
             check_triton, check_peer = senders["triton-tuned"](), senders["peer-tuned"]()
             agree = sum(outputs_agree(check_triton(img), check_peer(img)) for img in images)

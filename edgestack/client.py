@@ -64,6 +64,18 @@ def _module(protocol: str):
     return module
 
 
+def _image_input(module, images: Sequence[bytes], **binary):
+    """The ensemble's IMAGE input (one row of encoded bytes per image) for tritonclient's grpc or http module."""
+    tensor = module.InferInput(T.IMAGE, [len(images), 1], "BYTES")
+    tensor.set_data_from_numpy(np.array([[bytes(b)] for b in images], dtype=object).reshape(len(images), 1), **binary)
+    return tensor
+
+
+def _check_load_protocol(protocol: str) -> None:
+    if protocol not in LOAD_PROTOCOLS:
+        raise ClientError(f"unknown protocol {protocol!r}; use one of {LOAD_PROTOCOLS}")
+
+
 def results_from_arrays(arrays: dict[str, np.ndarray]) -> list[DetectionResult]:
     """Split the ensemble's padded batch outputs into one result per image (with its STATUS, where the server
     sent one)."""
@@ -123,8 +135,7 @@ class DetectionClient(_EnsembleClient):
         self._client = self._mod.InferenceServerClient(url, **({"network_timeout": timeout_s, "connection_timeout": timeout_s} if protocol == "http" else {}))
 
     def infer_arrays(self, images: Sequence[bytes]) -> dict[str, np.ndarray]:
-        tensor = self._mod.InferInput(T.IMAGE, [len(images), 1], "BYTES")
-        tensor.set_data_from_numpy(np.array([[bytes(b)] for b in images], dtype=object).reshape(len(images), 1))
+        tensor = _image_input(self._mod, images)
         outputs = [self._mod.InferRequestedOutput(name) for name in OUTPUTS]
         kwargs = {"client_timeout": self.timeout_s} if self.protocol == "grpc" else {}
         try:
@@ -147,8 +158,8 @@ class KeepAliveHttpClient(_EnsembleClient):
     """DetectionClient's `detect` over one keep-alive HTTP/1.1 connection (http.client), the request built and the
     answer parsed by tritonclient.http's own functions (KServe v2 with binary tensors). One per thread.
 
-    It exists for load generators on the server's own cores: per request it spends about 0.6-0.7 ms of CPU where
-    tritonclient's gRPC client spends 1.3-1.5 ms and its HTTP client (gevent) about 1.0 (benchmarks/peer_fastapi.py
+    It exists for load generators on the server's own cores: per request it spent 0.6-1.0 ms of CPU here where
+    tritonclient's gRPC client spent 1.3-1.9 ms and its HTTP client (gevent) 1.0-1.7 (benchmarks/peer_fastapi.py
     measures the FastAPI peers with the same kind of connection)."""
 
     def __init__(self, url: str, model: str = "detect", timeout_s: float = 30.0):
@@ -161,9 +172,7 @@ class KeepAliveHttpClient(_EnsembleClient):
         self._outputs = [tc_http.InferRequestedOutput(name, binary_data=True) for name in OUTPUTS]
 
     def infer_arrays(self, images: Sequence[bytes]) -> dict[str, np.ndarray]:
-        tensor = self._http.InferInput(T.IMAGE, [len(images), 1], "BYTES")
-        tensor.set_data_from_numpy(np.array([[bytes(b)] for b in images], dtype=object).reshape(len(images), 1),
-                                   binary_data=True)
+        tensor = _image_input(self._http, images, binary_data=True)
         body, header_length = self._http.InferenceServerClient.generate_request_body([tensor], outputs=self._outputs)
         headers = {"Content-Type": "application/octet-stream"}
         if header_length is not None:
@@ -187,18 +196,16 @@ class KeepAliveHttpClient(_EnsembleClient):
 
 def make_client(server: Any, protocol: str, model: str = "detect", timeout_s: float = 30.0):
     """A client of `server` (anything with http_url and grpc_url, as TritonServer) for one of LOAD_PROTOCOLS."""
+    _check_load_protocol(protocol)
     if protocol == "http-keepalive":
         return KeepAliveHttpClient(server.http_url, model, timeout_s)
-    if protocol not in PROTOCOLS:
-        raise ClientError(f"unknown protocol {protocol!r}; use one of {LOAD_PROTOCOLS}")
     return DetectionClient(server.grpc_url if protocol == "grpc" else server.http_url, protocol, model, timeout_s)
 
 
 def sender_factory(server: Any, protocol: str, model: str = "detect", timeout_s: float = 60.0):
     """For closed-loop load generators: a factory of senders, one per thread; a sender detects one image
-    and has close()."""
-    if protocol not in LOAD_PROTOCOLS:
-        raise ClientError(f"unknown protocol {protocol!r}; use one of {LOAD_PROTOCOLS}")
+    and has close(). An unknown protocol is refused here, before any thread or connection."""
+    _check_load_protocol(protocol)
 
     def make():
         client = make_client(server, protocol, model, timeout_s)

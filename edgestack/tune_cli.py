@@ -178,8 +178,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--concurrency", default="1,4,8", help="comma list of closed-loop levels (default 1,4,8)")
     parser.add_argument("--seconds", type=float, default=5.0, help="measured seconds per level (default 5)")
     parser.add_argument("--protocol", choices=LOAD_PROTOCOLS, default=LOAD_PROTOCOLS[0],
-                        help="how the load generator sends: http-keepalive (default; about 0.7 ms of CPU per request "
-                             "here), or tritonclient's grpc (1.3-1.5 ms) or http")
+                        help="how the load generator sends: http-keepalive (default; 0.6-1.0 ms of CPU per request "
+                             "here), or tritonclient's grpc (1.3-1.9 ms) or http")
     parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds per candidate (default 1)")
     parser.add_argument("--rounds", type=int, default=1,
                         help="passes over the candidates, order alternating; per level the median pass is kept "
